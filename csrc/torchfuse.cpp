@@ -1,0 +1,45 @@
+// The torchfuse op catalogue: every schema, in one place.
+//
+// Kernels live beside their op (csrc/<op>/<op>.cpp for CPU, csrc/<op>/<op>.cu
+// for CUDA) and register themselves with TORCH_LIBRARY_IMPL, so a CPU-only
+// build simply leaves the .cu files out. Fake (meta) kernels and autograd
+// formulas are registered from Python (python/torchfuse/_ops/<op>.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(torchfuse, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+
+  // --- RMSNorm (csrc/rms_norm) -------------------------------------------
+  // rstd has the leading (un-normalized) dims of input, in float32 (float64
+  // for float64 input). weight may be of any floating dtype.
+  m.def(
+      "rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, "
+      "float eps) -> (Tensor out, Tensor rstd)",
+      tags);
+  m.def(
+      "add_rms_norm(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, float eps) -> (Tensor out, Tensor summed, Tensor rstd)",
+      tags);
+  // grad_summed (optional) is added to grad_input in the same pass: the
+  // gradient reaching the residual stream of add_rms_norm. grad_weight is an
+  // empty tensor unless weight_grad is true.
+  m.def(
+      "rms_norm_backward(Tensor grad_out, Tensor? grad_summed, Tensor input, "
+      "Tensor rstd, int[] normalized_shape, Tensor? weight, bool weight_grad) "
+      "-> (Tensor grad_input, Tensor grad_weight)",
+      tags);
+}
+
+#ifdef TORCHFUSE_PYTHON_MODULE
+// `import torchfuse._C` loads this shared object, which runs the static
+// registrations above. The module itself is empty: everything is reached
+// through torch.ops.torchfuse.
+#include <Python.h>
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "torchfuse compiled ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif

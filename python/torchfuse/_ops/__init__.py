@@ -1,0 +1,91 @@
+"""Loads the compiled extension and registers the Python side of each op.
+
+Each op family has one module here (fake kernel + autograd formula). The
+registrations are guarded: when the extension is missing, or was built
+without CUDA, `import torchfuse` still works and the functions in
+`torchfuse.functional` fall back to `torchfuse.reference` (with a one-time
+warning; `TORCHFUSE_STRICT=1` makes that an error).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+EXTENSION_ERROR: str | None = None
+try:
+    from .. import _C  # noqa: F401  (loading it runs the op registrations)
+except ImportError as e:  # missing, or built against another torch
+    EXTENSION_ERROR = f"{type(e).__name__}: {e}"
+
+STRICT = os.environ.get("TORCHFUSE_STRICT", "").lower() in ("1", "true", "yes", "on")
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _scan() -> dict[str, frozenset[str]]:
+    """op name -> device types with a kernel, read from the dispatcher once."""
+    table: dict[str, frozenset[str]] = {}
+    for qualname in torch._C._dispatch_get_all_op_names():
+        if not qualname.startswith("torchfuse::"):
+            continue
+        name = qualname.split("::", 1)[1].split(".", 1)[0]
+        devices = {
+            dev
+            for dev, key in _DISPATCH_KEYS.items()
+            if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+        }
+        table[name] = frozenset(devices)
+    return table
+
+
+# A plain dict, computed at import, so that torch.compile traces the device
+# test below as a constant instead of breaking the graph on a dispatcher call.
+KERNELS: dict[str, frozenset[str]] = _scan()
+
+_warned: set[tuple[str, str]] = set()
+
+
+def op_defined(name: str) -> bool:
+    """Whether torch.ops.torchfuse.<name> exists (the extension defined it)."""
+    return name in KERNELS
+
+
+def use_kernel(name: str, device: torch.device) -> bool:
+    """Whether op `name` has a compiled kernel for `device`.
+
+    Devices without one (no extension, a CPU-only build on a CUDA tensor, a
+    device type we have no kernel for) make the caller fall back to
+    torchfuse.reference: with a one-time warning per (op, device type), or a
+    RuntimeError under TORCHFUSE_STRICT=1. Meta tensors use the fake kernel.
+    """
+    devices = KERNELS.get(name)
+    if devices is not None and (device.type in devices or device.type == "meta"):
+        return True
+    reason = (
+        f"the torchfuse extension did not load ({EXTENSION_ERROR})"
+        if EXTENSION_ERROR is not None
+        else f"torchfuse was built without a {device.type} kernel for {name}"
+    )
+    if STRICT:
+        raise RuntimeError(f"torchfuse.{name}: {reason} (TORCHFUSE_STRICT=1)")
+    key = (name, device.type)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"torchfuse.{name}: {reason}; using the pure-PyTorch reference "
+            "implementation instead. Set TORCHFUSE_STRICT=1 to make this an error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulate/statistics dtype kernels use for `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+from . import rms_norm  # noqa: E402,F401  (registrations)

@@ -1,0 +1,75 @@
+"""torchfuse.functional: the fused ops, as drop-ins for torch.nn.functional.
+
+Each function validates its arguments, then calls the compiled op in
+torch.ops.torchfuse (autograd, torch.compile and CUDA graphs go through the
+dispatcher), or the pure-PyTorch reference on a device with no kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _validate as check
+from . import reference
+from ._ops import use_kernel
+
+__all__ = ["rms_norm", "add_rms_norm"]
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Root-mean-square normalization over the last ``len(normalized_shape)`` dims.
+
+    ``out = input / sqrt(mean(input**2) + eps) * weight``, the mean over the
+    normalized dims. Same contract as :func:`torch.nn.functional.rms_norm`:
+    ``input (*, *normalized_shape)``, ``weight`` of shape ``normalized_shape``
+    (any floating dtype) or None, ``eps=None`` meaning
+    ``torch.finfo(input.dtype).eps``. Statistics are computed in float32
+    (float64 for float64 input); the output has the input's dtype and shape.
+    """
+    check.tensor(input, "rms_norm", "input")
+    normalized_shape = check.int_list(normalized_shape, "rms_norm", "normalized_shape")
+    check.tensor(weight, "rms_norm", "weight", optional=True)
+    check.number(eps, "rms_norm", "eps", optional=True)
+    check.floating(input, "rms_norm")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if not use_kernel("rms_norm", input.device):
+        return reference.rms_norm(input, normalized_shape, weight, eps)
+    return torch.ops.torchfuse.rms_norm(input, normalized_shape, weight, float(eps))[0]
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with RMSNorm (the pre-norm residual stream).
+
+    Returns ``(out, summed)`` with ``summed = input + residual`` (same shape and
+    dtype) and ``out = rms_norm(summed, normalized_shape, weight, eps)``,
+    computed in one pass: ``summed`` is rounded to the input's dtype before it
+    is normalized, exactly as the unfused code would see it.
+    """
+    check.tensor(input, "add_rms_norm", "input")
+    check.tensor(residual, "add_rms_norm", "residual")
+    normalized_shape = check.int_list(normalized_shape, "add_rms_norm", "normalized_shape")
+    check.tensor(weight, "add_rms_norm", "weight", optional=True)
+    check.number(eps, "add_rms_norm", "eps", optional=True)
+    check.floating(input, "add_rms_norm")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if not use_kernel("add_rms_norm", input.device):
+        return reference.add_rms_norm(input, residual, normalized_shape, weight, eps)
+    out, summed, _ = torch.ops.torchfuse.add_rms_norm(
+        input, residual, normalized_shape, weight, float(eps)
+    )
+    return out, summed

@@ -1,0 +1,40 @@
+"""torchfuse.nn: drop-in modules.
+
+Each subclasses the torch module it replaces, with the same constructor,
+parameters, buffers, ``extra_repr`` and ``state_dict`` keys, so existing code,
+checkpoints and ``isinstance`` checks keep working. ``from_torch`` builds one
+from an existing torch module, sharing its parameters (used by
+:func:`torchfuse.convert`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+
+__all__ = ["RMSNorm"]
+
+
+class _DropIn:
+    """Mixin: build the torchfuse module from an instance of its torch base
+    class, sharing (not copying) parameters, buffers and hooks."""
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module, **extras):
+        base = next(b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn"))
+        if not isinstance(module, base):
+            raise TypeError(f"{cls.__name__}.from_torch(): expected {base.__name__}, got "
+                            f"{type(module).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        for k, v in extras.items():
+            setattr(new, k, v)
+        return new
+
+
+class RMSNorm(_DropIn, torch.nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` computed by torchfuse's fused kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

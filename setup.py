@@ -1,0 +1,172 @@
+"""Builds torchfuse._C with torch.utils.cpp_extension (ninja).
+
+Every csrc/**/*.cpp is always compiled; every csrc/**/*.cu is compiled when
+torch is a CUDA build and nvcc is found (or FORCE_CUDA=1), unless
+TORCHFUSE_CPU_ONLY=1.
+
+Environment:
+  TORCHFUSE_CPU_ONLY=1       skip the CUDA kernels
+  FORCE_CUDA=1               build them even if nvcc is not found on PATH
+  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0" when no GPU
+                             is visible; the visible GPU's otherwise)
+  TORCHFUSE_CPU_CAPABILITY   DEFAULT, AVX2 or AVX512: the at::vec instruction
+                             set for the CPU kernels (default: the best this
+                             machine and torch support)
+  TORCHFUSE_DEBUG=1          -O0 -g, and device line info
+  MAX_JOBS                   parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _truthy(name):
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    """The CUDA toolkit's real home.
+
+    torch guesses CUDA_HOME as the parent of the folder holding `nvcc` on PATH,
+    which is wrong when that `nvcc` is a symlink or a wrapper script in some
+    bin/ folder (as on our build machines). Ask nvcc where it lives instead.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+            if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+                return cand
+        return None
+    real = os.path.realpath(nvcc)
+    home = os.path.dirname(os.path.dirname(real))
+    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    try:  # a wrapper script: nvcc's dry run prints its own TOP folder
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+        if m:
+            return os.path.realpath(m.group(1).strip('"'))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return home
+
+
+WANT_CUDA = not _truthy("TORCHFUSE_CPU_ONLY")
+if WANT_CUDA:
+    _home = _find_cuda_home()
+    if _home and "CUDA_HOME" not in os.environ:
+        os.environ["CUDA_HOME"] = _home  # before cpp_extension reads it
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+WITH_CUDA = WANT_CUDA and torch.version.cuda is not None and (
+    CUDA_HOME is not None or _truthy("FORCE_CUDA")
+)
+DEBUG = _truthy("TORCHFUSE_DEBUG")
+
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+
+def _cpu_flags():
+    """Flags for at::vec, as torch compiles its own CPU kernels.
+
+    at::vec only vectorises when CPU_CAPABILITY_<ISA> is defined and the
+    compiler may emit that ISA. The extension is built on the machine that runs
+    it, so the default is the best ISA both this CPU and torch support.
+    """
+    cap = os.environ.get("TORCHFUSE_CPU_CAPABILITY")
+    if cap is None:
+        try:
+            cap = torch.backends.cpu.get_cpu_capability()
+        except Exception:  # noqa: BLE001
+            cap = "DEFAULT"
+    cap = cap.upper()
+    if cap.startswith("AVX512"):
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"], "AVX512"
+    if cap == "AVX2":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+                "-mavx2", "-mfma", "-mf16c"], "AVX2"
+    return ["-DCPU_CAPABILITY=DEFAULT"], "DEFAULT"
+
+
+def _nvidia_include_dirs():
+    """Headers (cuBLAS, cuSPARSE, ...) that pip's CUDA torch brings in
+    site-packages/nvidia/*/include and ATen's CUDA headers include."""
+    dirs = []
+    for base in sys.path:
+        for inc in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
+            if os.path.isdir(inc) and inc not in dirs:
+                dirs.append(inc)
+    return dirs
+
+
+def _write_build_info(cpu_cap, archs):
+    path = os.path.join(ROOT, "python", "torchfuse", "_build_info.py")
+    info = {
+        "version": VERSION,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if WITH_CUDA else None,
+        "cuda_archs": archs,
+        "cpu_capability": cpu_cap,
+        "debug": DEBUG,
+    }
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+def extensions():
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cpu_flags, cpu_cap = _cpu_flags()
+    cxx = opt + ["-DTORCHFUSE_PYTHON_MODULE", "-fvisibility=hidden"] + cpu_flags
+    archs = None
+    if WITH_CUDA:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        for inc in _nvidia_include_dirs():
+            nvcc += ["-isystem", inc]  # after the toolkit's own headers
+        ext = CUDAExtension(
+            "torchfuse._C",
+            cpp + cu,
+            extra_compile_args={"cxx": cxx + ["-DTORCHFUSE_WITH_CUDA"], "nvcc": nvcc},
+        )
+    else:
+        ext = CppExtension("torchfuse._C", cpp, extra_compile_args={"cxx": cxx})
+    _write_build_info(cpu_cap, archs)
+    return [ext]
+
+
+setup(
+    name="torchfuse",
+    version=VERSION,
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
