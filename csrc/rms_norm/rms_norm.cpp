@@ -36,9 +36,13 @@ Dims check_args(
       ": Expected normalized_shape to be at least 1-dimensional, i.e., "
       "containing at least one element, but got normalized_shape = ",
       normalized_shape);
+  // torch raises ValueError when input has fewer dims than normalized_shape.
+  TORCH_CHECK_VALUE(
+      input.dim() >= nd, op, ": Given normalized_shape=", normalized_shape,
+      ", input must have at least ", nd, " dimensions, but got input of size ",
+      input.sizes());
   TORCH_CHECK(
-      input.dim() >= nd &&
-          input.sizes().slice(input.dim() - nd).equals(normalized_shape),
+      input.sizes().slice(input.dim() - nd).equals(normalized_shape),
       op, ": Given normalized_shape=", normalized_shape,
       ", expected input with shape [*, ", normalized_shape,
       "], but got input of size ", input.sizes());

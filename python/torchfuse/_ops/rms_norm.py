@@ -93,6 +93,22 @@ if op_defined("add_rms_norm"):
         "torchfuse::add_rms_norm", _add_rms_norm_backward, setup_context=_add_rms_norm_setup
     )
 
+def _backward_formula(grad_out, grad_summed, x, rstd, weight, normalized_shape):
+    """rms_norm_backward's outputs as differentiable torch ops of its inputs
+    (rstd taken as given): its own autograd formula."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    acc = acc_dtype(x.dtype)
+    r = rstd.reshape(rstd.shape + (1,) * len(normalized_shape))
+    xf, gf = x.to(acc), grad_out.to(acc)
+    g = gf * weight.to(acc) if weight is not None else gf
+    gx = r * g - xf * r.pow(3) * (g * xf).mean(dims, keepdim=True)
+    if grad_summed is not None:
+        gx = gx + grad_summed.to(acc)
+    lead = tuple(range(x.dim() - len(normalized_shape)))
+    gw = (gf * xf * r).sum(lead) if weight is not None else None
+    return gx.to(x.dtype), gw
+
+
 if op_defined("rms_norm_backward"):
 
     @torch.library.register_fake("torchfuse::rms_norm_backward")
@@ -103,3 +119,33 @@ if op_defined("rms_norm_backward"):
         if weight_grad:
             return gx, weight.new_empty(weight.shape)
         return gx, input.new_empty((0,))
+
+    def _rms_norm_backward_setup(ctx, inputs, output):
+        grad_out, grad_summed, x, rstd, normalized_shape, weight, weight_grad = inputs
+        ctx.save_for_backward(grad_out, grad_summed, x, rstd, weight)
+        ctx.normalized_shape, ctx.weight_grad = normalized_shape, weight_grad
+
+    def _rms_norm_backward_backward(ctx, ggx, ggw):
+        saved = ctx.saved_tensors
+        need = [t is not None and ctx.needs_input_grad[i]
+                for i, t in zip((0, 1, 2, 3, 5), saved)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) if t is not None else None
+                      for t, n in zip(saved, need)]
+            gx, gw = _backward_formula(*leaves, ctx.normalized_shape)
+            pairs = [(gx, ggx)]
+            if ctx.weight_grad and gw is not None:
+                pairs.append((gw.to(saved[4].dtype), ggw))
+            pairs = [(o, g) for o, g in pairs if o.requires_grad and g is not None]
+            wrt = [t for t, n in zip(leaves, need) if n]
+            got = iter(torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                create_graph=torch.is_grad_enabled()) if pairs else [None] * len(wrt))
+        res = [next(got) if n else None for n in need]
+        return res[0], res[1], res[2], res[3], None, res[4], None
+
+    torch.library.register_autograd(
+        "torchfuse::rms_norm_backward",
+        _rms_norm_backward_backward,
+        setup_context=_rms_norm_backward_setup,
+    )

@@ -1,0 +1,101 @@
+"""Shared test helpers: device/dtype parametrisation, float64 references and
+the tolerance rule of DESIGN.md.
+
+Tolerance rule, per compared tensor (error = max |actual - expected64|):
+  * float64: error <= 1e-10 * scale
+  * float32: error <= 2e-5 * scale          (relative error well under 1e-4)
+  * float16 / bfloat16: error <= 2 * (torch's own op's error in the same
+    dtype) + eps(dtype) * scale
+where scale = max |expected64| (at least 1e-3).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")],
+    ),
+]
+LOWP = [torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, *LOWP]
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test that runs on the "cuda" device parameter carries the cuda
+    # marker, so `pytest -m cuda` selects exactly the GPU tests.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0, shift=0.0):
+    """Fresh random data (never zeros), generated in float64 then cast."""
+    t = torch.randn(*shape, dtype=torch.float64) * scale + shift
+    t = t.to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _scale(expected: torch.Tensor) -> float:
+    if expected.numel() == 0:
+        return 1.0
+    return max(expected.detach().abs().max().item(), 1e-3)
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
+
+
+def assert_close_to_ref(actual, expected64, dtype, torch_same_dtype=None, name="output"):
+    """Checks actual (computed in `dtype`) against a float64 reference.
+
+    For float16/bfloat16, `torch_same_dtype` is torch's own result in that
+    dtype: the kernel may be at most twice as far from the truth, plus a
+    small floor.
+    """
+    assert actual.shape == expected64.shape, f"{name}: shape {actual.shape} != {expected64.shape}"
+    assert not torch.isnan(actual.detach()).any() or torch.isnan(expected64).any(), f"{name}: NaN"
+    scale = _scale(expected64)
+    err = max_err(actual, expected64)
+    if dtype == torch.float64:
+        tol = 1e-10 * scale
+    elif dtype == torch.float32:
+        tol = 2e-5 * scale
+    else:
+        assert torch_same_dtype is not None, "low-precision checks need torch's own result"
+        tol = 2 * max_err(torch_same_dtype, expected64) + torch.finfo(dtype).eps * scale
+    assert err <= tol, f"{name} ({dtype}): max error {err:.3g} > tolerance {tol:.3g}"
+
+
+def assert_raises_like_torch(torch_fn, our_fn, arg_name):
+    """Our function rejects the input with the exception type torch raises,
+    and the message names the offending argument."""
+    with pytest.raises(Exception) as theirs:
+        torch_fn()
+    with pytest.raises(Exception) as ours:
+        our_fn()
+    assert isinstance(ours.value, type(theirs.value)), (
+        f"raised {type(ours.value).__name__} ({ours.value}); torch raises "
+        f"{type(theirs.value).__name__} ({theirs.value})"
+    )
+    assert arg_name in str(ours.value), f"message does not name {arg_name!r}: {ours.value}"

@@ -1,0 +1,84 @@
+"""Package-level behaviour: info(), the reference fallback on devices with no
+kernel, and importing with the compiled extension missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import randn
+
+import torchfuse
+from torchfuse import _ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_info_reports_build_and_ops():
+    d = torchfuse.info()
+    assert d["version"] == torchfuse.__version__
+    assert d["torch"] == torch.__version__
+    assert d["extension_loaded"] is True, d["extension_error"]
+    for op in ("rms_norm", "add_rms_norm", "rms_norm_backward"):
+        assert "cpu" in d["ops"][op]
+        if d["cuda_compiled"]:
+            assert "cuda" in d["ops"][op]
+    out = subprocess.run(
+        [sys.executable, "-m", "torchfuse.info"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "python")}, check=True,
+    )
+    assert "rms_norm" in out.stdout and "extension: loaded" in out.stdout
+
+
+def test_fallback_warns_once_and_matches(monkeypatch):
+    monkeypatch.setitem(_ops.KERNELS, "rms_norm", frozenset())
+    monkeypatch.setattr(_ops, "_warned", set())
+    x = randn(3, 10)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        out = torchfuse.functional.rms_norm(x, (10,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once per (op, device)
+        torchfuse.functional.rms_norm(x, (10,))
+    torch.testing.assert_close(out, torchfuse.reference.rms_norm(x, (10,)))
+
+
+def test_strict_mode_raises(monkeypatch):
+    monkeypatch.setitem(_ops.KERNELS, "add_rms_norm", frozenset())
+    monkeypatch.setattr(_ops, "STRICT", True)
+    with pytest.raises(RuntimeError, match="TORCHFUSE_STRICT"):
+        torchfuse.functional.add_rms_norm(randn(2, 4), randn(2, 4), (4,))
+
+
+def test_import_without_extension(tmp_path):
+    # A copy of the package without the compiled _C: import must work and the
+    # functions must fall back to the reference.
+    shutil.copytree(
+        os.path.join(ROOT, "python", "torchfuse"), tmp_path / "torchfuse",
+        ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"),
+    )
+    code = (
+        "import warnings, torch, torchfuse\n"
+        "d = torchfuse.info()\n"
+        "assert not d['extension_loaded'] and d['ops'] == {}, d\n"
+        "x = torch.randn(2, 8)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = torchfuse.nn.RMSNorm(8)(x)\n"
+        "assert any('reference' in str(m.message) for m in w)\n"
+        "torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (8,)))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    strict = subprocess.run(
+        [sys.executable, "-c", "import torch, torchfuse; "
+         "torchfuse.functional.rms_norm(torch.randn(2, 8), (8,))"],
+        capture_output=True, text=True, env={**env, "TORCHFUSE_STRICT": "1"},
+    )
+    assert strict.returncode != 0 and "TORCHFUSE_STRICT" in strict.stderr
