@@ -18,14 +18,13 @@ Environment:
 
 import glob
 import os
-import re
-import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from build_env import find_cuda_home, nvidia_dirs  # noqa: E402
 VERSION = "0.1.0"
 
 
@@ -33,42 +32,9 @@ def _truthy(name):
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
-def _find_cuda_home():
-    """The CUDA toolkit's real home.
-
-    torch guesses CUDA_HOME as the parent of the folder holding `nvcc` on PATH,
-    which is wrong when that `nvcc` is a symlink or a wrapper script in some
-    bin/ folder (as on our build machines). Ask nvcc where it lives instead.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-            if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-                return cand
-        return None
-    real = os.path.realpath(nvcc)
-    home = os.path.dirname(os.path.dirname(real))
-    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-        return home
-    try:  # a wrapper script: nvcc's dry run prints its own TOP folder
-        out = subprocess.run(
-            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
-        )
-        m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
-        if m:
-            return os.path.realpath(m.group(1).strip('"'))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return home
-
-
 WANT_CUDA = not _truthy("TORCHFUSE_CPU_ONLY")
 if WANT_CUDA:
-    _home = _find_cuda_home()
+    _home = find_cuda_home()
     if _home and "CUDA_HOME" not in os.environ:
         os.environ["CUDA_HOME"] = _home  # before cpp_extension reads it
 
@@ -112,17 +78,6 @@ def _cpu_flags():
     return ["-DCPU_CAPABILITY=DEFAULT"], "DEFAULT"
 
 
-def _nvidia_include_dirs():
-    """Headers (cuBLAS, cuSPARSE, ...) that pip's CUDA torch brings in
-    site-packages/nvidia/*/include and ATen's CUDA headers include."""
-    dirs = []
-    for base in sys.path:
-        for inc in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
-            if os.path.isdir(inc) and inc not in dirs:
-                dirs.append(inc)
-    return dirs
-
-
 def _write_build_info(cpu_cap, archs):
     path = os.path.join(ROOT, "python", "torchfuse", "_build_info.py")
     info = {
@@ -148,7 +103,7 @@ def extensions():
     if WITH_CUDA:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-        for inc in _nvidia_include_dirs():
+        for inc in nvidia_dirs("include"):  # cuBLAS etc. from pip's CUDA torch
             nvcc += ["-isystem", inc]  # after the toolkit's own headers
         ext = CUDAExtension(
             "torchfuse._C",

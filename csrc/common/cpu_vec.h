@@ -1,15 +1,18 @@
 // CPU vector helpers over at::vec::Vectorized (what ATen's own kernels use).
 //
 // Every kernel computes in the accumulate type A = at::opmath_type<T> (float
-// for float/half/bfloat16, double for double). VecIO<T> moves one A-vector's
-// worth of T elements (AVec::size()) between memory and registers, converting
-// reduced-precision types on the way, with partial (tail) variants.
+// for float/half/bfloat16, double for double). VecIO<T> moves kStep elements
+// of T between memory and a pair of A-vectors, converting reduced-precision
+// types on the way, with partial (tail) variants; AccIO does the same for
+// arrays already in the accumulate type.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 namespace torchfuse::cpu {
@@ -19,46 +22,87 @@ struct VecIO {
   using A = at::opmath_type<T>;
   using AVec = at::vec::Vectorized<A>;
   static constexpr int64_t kSize = AVec::size();
+  // Elements moved per step: two accumulate vectors, which for half/bfloat16
+  // is exactly one full-width Vectorized<T> (one load, one conversion).
+  static constexpr int64_t kStep = 2 * kSize;
   static constexpr bool kReduced = !std::is_same_v<T, A>;
 
-  static inline AVec load(const T* p) {
+  static inline void load(const T* p, AVec& a, AVec& b) {
     if constexpr (kReduced) {
-      AVec out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
+      std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
     } else {
-      return AVec::loadu(p);
+      a = AVec::loadu(p);
+      b = AVec::loadu(p + kSize);
     }
   }
-  static inline AVec load(const T* p, int64_t n) {
-    if constexpr (kReduced) {
-      T buf[kSize] = {};
-      for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
-      return load(buf);
+  // The first n (<= kStep) elements; the rest read as zero.
+  static inline void load(const T* p, int64_t n, AVec& a, AVec& b) {
+    if (n == kStep) {
+      load(p, a, b);
+    } else if constexpr (kReduced) {
+      std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
     } else {
-      return AVec::loadu(p, n);
+      a = AVec::loadu(p, std::min(n, kSize));
+      b = n > kSize ? AVec::loadu(p + kSize, n - kSize) : AVec(A(0));
     }
   }
-  static inline void store(T* p, const AVec& v) {
+  static inline void store(T* p, const AVec& a, const AVec& b) {
     if constexpr (kReduced) {
-      at::vec::convert_from_float<T>(v, v).store(p, kSize);
+      at::vec::convert_from_float<T>(a, b).store(p);
     } else {
-      v.store(p);
+      a.store(p);
+      b.store(p + kSize);
     }
   }
-  static inline void store(T* p, const AVec& v, int64_t n) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<T>(v, v).store(p, n);
+  static inline void store(T* p, const AVec& a, const AVec& b, int64_t n) {
+    if (n == kStep) {
+      store(p, a, b);
+    } else if constexpr (kReduced) {
+      at::vec::convert_from_float<T>(a, b).store(p, n);
     } else {
-      v.store(p, n);
+      a.store(p, std::min(n, kSize));
+      if (n > kSize) b.store(p + kSize, n - kSize);
+    }
+  }
+  // Rounds a pair through T, as a store followed by a load would.
+  static inline void round(AVec& a, AVec& b) {
+    if constexpr (kReduced) {
+      std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
     }
   }
 };
 
-// Rounds an accumulate-type value through T (what a store then load gives).
-template <typename T>
-inline at::opmath_type<T> round_to(at::opmath_type<T> v) {
-  return static_cast<at::opmath_type<T>>(static_cast<T>(v));
+// Accumulate-type arrays (weights, accumulators) in the same steps.
+template <typename A>
+struct AccIO {
+  using AVec = at::vec::Vectorized<A>;
+  static constexpr int64_t kSize = AVec::size();
+  static inline void load(const A* p, int64_t n, AVec& a, AVec& b) {
+    if (n == 2 * kSize) {
+      a = AVec::loadu(p);
+      b = AVec::loadu(p + kSize);
+    } else {
+      a = AVec::loadu(p, std::min(n, kSize));
+      b = n > kSize ? AVec::loadu(p + kSize, n - kSize) : AVec(A(0));
+    }
+  }
+  static inline void store(A* p, const AVec& a, const AVec& b, int64_t n) {
+    if (n == 2 * kSize) {
+      a.store(p);
+      b.store(p + kSize);
+    } else {
+      a.store(p, std::min(n, kSize));
+      if (n > kSize) b.store(p + kSize, n - kSize);
+    }
+  }
+};
+
+// Applies f(j, count) over [0, n) in steps of `step`, the last one partial.
+template <int64_t step, typename F>
+inline void for_each_step(int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + step <= n; j += step) f(j, step);
+  if (j < n) f(j, n - j);
 }
 
 }  // namespace torchfuse::cpu

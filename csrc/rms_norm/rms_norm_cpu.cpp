@@ -16,6 +16,8 @@ namespace torchfuse::rms_norm {
 
 namespace {
 
+using cpu::AccIO;
+using cpu::for_each_step;
 using cpu::VecIO;
 
 // Rows handled per parallel task: about 32K elements of work each.
@@ -23,37 +25,40 @@ int64_t row_grain(int64_t N) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(N, 1));
 }
 
-// sum(a[j] * b[j]) over n elements, vectorised with four accumulators (which
-// also shortens the float32 rounding chains on long rows).
+template <typename AVec>
+inline auto reduce_sum(const AVec& v) {
+  using A = typename AVec::value_type;
+  return at::vec::vec_reduce_all<A>([](AVec& u, AVec& w) { return u + w; }, v);
+}
+
+// sum(a[j] * b[j]) over n elements (a == b for a sum of squares), with four
+// independent accumulators (which also shortens float32 rounding chains).
 template <typename T>
 at::opmath_type<T> dot(const T* a, const T* b, int64_t n) {
   using IO = VecIO<T>;
   using AVec = typename IO::AVec;
-  constexpr int64_t K = IO::kSize;
+  constexpr int64_t S = IO::kStep;
   AVec s0(0), s1(0), s2(0), s3(0);
   int64_t j = 0;
-  for (; j + 4 * K <= n; j += 4 * K) {
-    s0 = at::vec::fmadd(IO::load(a + j), IO::load(b + j), s0);
-    s1 = at::vec::fmadd(IO::load(a + j + K), IO::load(b + j + K), s1);
-    s2 = at::vec::fmadd(IO::load(a + j + 2 * K), IO::load(b + j + 2 * K), s2);
-    s3 = at::vec::fmadd(IO::load(a + j + 3 * K), IO::load(b + j + 3 * K), s3);
+  for (; j + 2 * S <= n; j += 2 * S) {
+    AVec a0, a1, a2, a3, b0, b1, b2, b3;
+    IO::load(a + j, a0, a1);
+    IO::load(a + j + S, a2, a3);
+    IO::load(b + j, b0, b1);
+    IO::load(b + j + S, b2, b3);
+    s0 = at::vec::fmadd(a0, b0, s0);
+    s1 = at::vec::fmadd(a1, b1, s1);
+    s2 = at::vec::fmadd(a2, b2, s2);
+    s3 = at::vec::fmadd(a3, b3, s3);
   }
-  for (; j + K <= n; j += K) {
-    s0 = at::vec::fmadd(IO::load(a + j), IO::load(b + j), s0);
-  }
-  if (j < n) {
-    s1 = at::vec::fmadd(IO::load(a + j, n - j), IO::load(b + j, n - j), s1);
-  }
-  return at::vec::vec_reduce_all<at::opmath_type<T>>(
-      [](AVec& u, AVec& v) { return u + v; }, (s0 + s1) + (s2 + s3));
-}
-
-// Applies f(j, count) to [0, n) in steps of one vector, then the tail.
-template <int64_t K, typename F>
-inline void for_each_vec(int64_t n, const F& f) {
-  int64_t j = 0;
-  for (; j + K <= n; j += K) f(j, K);
-  if (j < n) f(j, n - j);
+  for_each_step<S>(n - j, [&](int64_t k, int64_t c) {
+    AVec a0, a1, b0, b1;
+    IO::load(a + j + k, c, a0, a1);
+    IO::load(b + j + k, c, b0, b1);
+    s0 = at::vec::fmadd(a0, b0, s0);
+    s1 = at::vec::fmadd(a1, b1, s1);
+  });
+  return reduce_sum((s0 + s1) + (s2 + s3));
 }
 
 template <typename T>
@@ -61,7 +66,7 @@ void fwd_cpu_kernel(const FwdParams& p) {
   using IO = VecIO<T>;
   using A = typename IO::A;
   using AVec = typename IO::AVec;
-  constexpr int64_t K = IO::kSize;
+  constexpr int64_t S = IO::kStep;
   const int64_t N = p.N;
   const T* x = p.x.const_data_ptr<T>();
   const T* res = p.residual.defined() ? p.residual.const_data_ptr<T>() : nullptr;
@@ -74,30 +79,47 @@ void fwd_cpu_kernel(const FwdParams& p) {
   at::parallel_for(0, p.M, row_grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* src = x + r * N;
+      A ss;
       if (res != nullptr) {
         // summed is stored in T and normalised as stored (rounded), exactly
-        // as rms_norm(input + residual) would see it.
+        // as rms_norm(input + residual) would see it; its squares are summed
+        // in the same pass.
         T* s = summed + r * N;
         const T* q = res + r * N;
-        for_each_vec<K>(N, [&](int64_t j, int64_t c) {
-          IO::store(s + j, IO::load(src + j, c) + IO::load(q + j, c), c);
+        AVec s0(0), s1(0);
+        for_each_step<S>(N, [&](int64_t j, int64_t c) {
+          AVec a, b, ra, rb;
+          IO::load(src + j, c, a, b);
+          IO::load(q + j, c, ra, rb);
+          a = a + ra;
+          b = b + rb;
+          IO::round(a, b);
+          IO::store(s + j, a, b, c);
+          s0 = at::vec::fmadd(a, a, s0);
+          s1 = at::vec::fmadd(b, b, s1);
         });
+        ss = reduce_sum(s0 + s1);
         src = s;
+      } else {
+        ss = dot(src, src, N);
       }
-      const A ss = dot(src, src, N);
       const A rs = A(1) / std::sqrt(ss / static_cast<A>(N) + eps);
       rstd[r] = rs;
       const AVec vrs(rs);
       T* o = out + r * N;
-      if (w != nullptr) {
-        for_each_vec<K>(N, [&](int64_t j, int64_t c) {
-          IO::store(o + j, IO::load(src + j, c) * vrs * AVec::loadu(w + j, c), c);
-        });
-      } else {
-        for_each_vec<K>(N, [&](int64_t j, int64_t c) {
-          IO::store(o + j, IO::load(src + j, c) * vrs, c);
-        });
-      }
+      for_each_step<S>(N, [&](int64_t j, int64_t c) {
+        AVec a, b;
+        IO::load(src + j, c, a, b);
+        a = a * vrs;
+        b = b * vrs;
+        if (w != nullptr) {
+          AVec wa, wb;
+          AccIO<A>::load(w + j, c, wa, wb);
+          a = a * wa;
+          b = b * wb;
+        }
+        IO::store(o + j, a, b, c);
+      });
     }
   });
 }
@@ -107,7 +129,7 @@ void bwd_cpu_kernel(const BwdParams& p) {
   using IO = VecIO<T>;
   using A = typename IO::A;
   using AVec = typename IO::AVec;
-  constexpr int64_t K = IO::kSize;
+  constexpr int64_t S = IO::kStep;
   const int64_t M = p.M, N = p.N;
   const T* dy = p.dy.const_data_ptr<T>();
   const T* ds = p.dsummed.defined() ? p.dsummed.const_data_ptr<T>() : nullptr;
@@ -124,28 +146,47 @@ void bwd_cpu_kernel(const BwdParams& p) {
     const A rs = rstd[r];
     A g_dot_x;
     if (w != nullptr) {
-      AVec s(0);
-      for_each_vec<K>(N, [&](int64_t j, int64_t c) {
-        s = at::vec::fmadd(
-            IO::load(dyr + j, c) * AVec::loadu(w + j, c), IO::load(xr + j, c), s);
+      AVec s0(0), s1(0);
+      for_each_step<S>(N, [&](int64_t j, int64_t c) {
+        AVec d0, d1, x0, x1, w0, w1;
+        IO::load(dyr + j, c, d0, d1);
+        IO::load(xr + j, c, x0, x1);
+        AccIO<A>::load(w + j, c, w0, w1);
+        s0 = at::vec::fmadd(d0 * w0, x0, s0);
+        s1 = at::vec::fmadd(d1 * w1, x1, s1);
       });
-      g_dot_x = at::vec::vec_reduce_all<A>(
-          [](AVec& u, AVec& v) { return u + v; }, s);
+      g_dot_x = reduce_sum(s0 + s1);
     } else {
       g_dot_x = dot(dyr, xr, N);
     }
     const AVec vrs(rs);
     const AVec vc(g_dot_x * rs * rs * rs / static_cast<A>(N));
     const T* dsr = ds != nullptr ? ds + r * N : nullptr;
-    for_each_vec<K>(N, [&](int64_t j, int64_t c) {
-      const AVec d = IO::load(dyr + j, c);
-      const AVec xv = IO::load(xr + j, c);
-      const AVec g = w != nullptr ? d * AVec::loadu(w + j, c) : d;
-      AVec o = g * vrs - xv * vc;
-      if (dsr != nullptr) o = o + IO::load(dsr + j, c);
-      IO::store(dxr + j, o, c);
+    for_each_step<S>(N, [&](int64_t j, int64_t c) {
+      AVec d0, d1, x0, x1;
+      IO::load(dyr + j, c, d0, d1);
+      IO::load(xr + j, c, x0, x1);
+      AVec g0 = d0, g1 = d1;
+      if (w != nullptr) {
+        AVec w0, w1;
+        AccIO<A>::load(w + j, c, w0, w1);
+        g0 = d0 * w0;
+        g1 = d1 * w1;
+      }
+      AVec o0 = g0 * vrs - x0 * vc;
+      AVec o1 = g1 * vrs - x1 * vc;
+      if (dsr != nullptr) {
+        AVec s0, s1;
+        IO::load(dsr + j, c, s0, s1);
+        o0 = o0 + s0;
+        o1 = o1 + s1;
+      }
+      IO::store(dxr + j, o0, o1, c);
       if (acc != nullptr) {
-        (AVec::loadu(acc + j, c) + d * xv * vrs).store(acc + j, c);
+        AVec a0, a1;
+        AccIO<A>::load(acc + j, c, a0, a1);
+        AccIO<A>::store(acc + j, at::vec::fmadd(d0 * x0, vrs, a0),
+                        at::vec::fmadd(d1 * x1, vrs, a1), c);
       }
     });
   };

@@ -1,0 +1,61 @@
+# make test    set up (venv, torch, build) if needed, then run the test suite
+# make bench   set up if needed, then run the benchmarks (BENCH_ARGS=...)
+#
+# PYTHON=python3 uses an existing interpreter (with torch installed) and skips
+# the virtual environment: for machines with no network.
+
+PYTHON ?=
+VENV ?= .venv
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+ifeq ($(strip $(PYTHON)),)
+PY := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+else
+PY := $(PYTHON)
+ENV_STAMP :=
+endif
+
+export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: all build test test-cuda bench cpp-test info clean distclean
+
+all: build
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -r requirements.txt
+	touch $@
+
+# Incremental (ninja): a no-op rebuild takes seconds.
+build: $(ENV_STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-cuda: build
+	$(PY) -m pytest tests -m cuda $(PYTEST_ARGS)
+
+bench: build
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+info: build
+	$(PY) -m torchfuse.info
+
+# The C++ (libtorch) library and an example program that loads it and calls
+# the ops through the dispatcher.
+CPP_BUILD ?= cpp/build
+cpp-test: $(ENV_STAMP)
+	cmake -S . -B $(CPP_BUILD) $$($(PY) tools/build_env.py cmake-args) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(CPP_BUILD) -j $(MAX_JOBS)
+	$(CPP_BUILD)/torchfuse_example
+
+clean:
+	rm -rf build $(CPP_BUILD) python/torchfuse/*.so python/torchfuse/_build_info.py
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,80 @@
+"""Benchmark cases: real layer shapes per op. One function per op family
+returns its cases; CASES is the registry run.py and test_bench.py use."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+from harness import Case
+
+import torchfuse.functional as F
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------ RMSNorm
+# LLM token x hidden shapes: Llama-2/3 7-8B (4096), 13B (5120), 70B (8192) and
+# a small model (1024).
+RMS_SHAPES = [(4096, 4096), (8192, 5120), (2048, 8192), (16384, 1024)]
+
+
+def _rms_inputs(M, N, residual):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        d = {
+            "x": torch.randn(M, N, generator=g).to(device, dtype).requires_grad_(),
+            "weight": (1 + 0.1 * torch.randn(N, generator=g)).to(device, dtype).requires_grad_(),
+        }
+        if residual:
+            d["residual"] = torch.randn(M, N, generator=g).to(device, dtype).requires_grad_()
+        return d
+
+    return make
+
+
+def _tf_rms(x, weight):
+    return F.rms_norm(x, (x.shape[-1],), weight, 1e-6)
+
+
+def _eager_rms(x, weight):
+    return TF.rms_norm(x, (x.shape[-1],), weight, 1e-6)
+
+
+def _tf_add_rms(x, residual, weight):
+    return F.add_rms_norm(x, residual, (x.shape[-1],), weight, 1e-6)
+
+
+def _eager_add_rms(x, residual, weight):
+    summed = x + residual
+    return TF.rms_norm(summed, (x.shape[-1],), weight, 1e-6), summed
+
+
+def rms_norm_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for residual in (False, True):
+            for M, N in RMS_SHAPES:
+                mn = M * N * _size(dtype)
+                if residual:
+                    # fwd: read x, residual; write out, summed. bwd: read dy,
+                    # d(summed), summed; write dx (= d residual).
+                    fwd, bwd = 4 * mn, 4 * mn
+                else:
+                    fwd, bwd = 2 * mn, 3 * mn  # read x, write out | read dy, x; write dx
+                cases.append(Case(
+                    op="add_rms_norm" if residual else "rms_norm",
+                    name=f"{M}x{N}",
+                    dtype=dtype,
+                    make_inputs=_rms_inputs(M, N, residual),
+                    torchfuse=_tf_add_rms if residual else _tf_rms,
+                    eager=_eager_add_rms if residual else _eager_rms,
+                    grad_inputs=("x", "residual", "weight") if residual else ("x", "weight"),
+                    bytes_fwd=fwd,
+                    bytes_bwd=bwd,
+                ))
+    return cases
+
+
+CASES: list[Case] = [*rms_norm_cases()]

@@ -1,0 +1,80 @@
+"""Facts about the build environment, shared by setup.py and the CMake
+configure step (`python tools/build_env.py cmake-args`).
+
+On our build machines `nvcc` on PATH is a wrapper script in /usr/local/bin,
+from which torch guesses a wrong CUDA_HOME; and the CUDA toolkit lacks the
+cuBLAS/cuSPARSE headers and libnvrtc, which pip's CUDA torch brings under
+site-packages/nvidia/. These helpers find the real locations.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit's real home (CUDA_HOME/CUDA_PATH win if set)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+            if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+                return cand
+        return None
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    try:  # a wrapper script: nvcc's dry run prints the folder it runs from
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+        if m:
+            return os.path.realpath(m.group(1).strip('"'))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return home
+
+
+def nvidia_dirs(sub: str) -> list[str]:
+    """site-packages/nvidia/*/<sub> folders (include or lib) on sys.path."""
+    found: list[str] = []
+    for base in sys.path:
+        for d in sorted(glob.glob(os.path.join(base, "nvidia", "*", sub))):
+            if os.path.isdir(d) and d not in found:
+                found.append(d)
+    return found
+
+
+def cmake_args() -> list[str]:
+    import torch
+
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if torch.version.cuda is not None:  # torch's CMake config insists on finding CUDA
+        home = find_cuda_home()
+        if home:
+            args += [f"-DCUDA_TOOLKIT_ROOT_DIR={home}",
+                     f"-DCMAKE_CUDA_COMPILER={os.path.join(home, 'bin', 'nvcc')}"]
+        for lib in nvidia_dirs("lib"):
+            nvrtc = sorted(glob.glob(os.path.join(lib, "libnvrtc.so*")))
+            if nvrtc and not glob.glob(os.path.join(home or "/nonexistent", "lib64", "libnvrtc.so*")):
+                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+                break
+    return args
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["cmake-args"]:
+        print(" ".join(cmake_args()))
+    elif sys.argv[1:] == ["cuda-home"]:
+        print(find_cuda_home() or "")
+    else:
+        sys.exit("usage: build_env.py cmake-args|cuda-home")
