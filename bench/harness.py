@@ -18,7 +18,6 @@ Conventions (DESIGN.md):
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -64,7 +63,7 @@ def _outputs(result) -> list[torch.Tensor]:
     return [t for t in result if isinstance(t, torch.Tensor)]
 
 
-def _fwd_bwd_fn(fn, inputs: dict, grad_names, grad_cache: dict):
+def fwd_bwd_fn(fn, inputs: dict, grad_names, grad_cache: dict):
     wrt = [inputs[n] for n in grad_names]
 
     def run():
@@ -76,7 +75,7 @@ def _fwd_bwd_fn(fn, inputs: dict, grad_names, grad_cache: dict):
     return run
 
 
-def _fwd_fn(fn, inputs: dict):
+def fwd_fn(fn, inputs: dict):
     def run():
         with torch.no_grad():
             return fn(**inputs)
@@ -204,9 +203,9 @@ def run_case(case: Case, device: str, quick: bool, impls=IMPLS) -> dict:
                     "bytes_fwd": case.bytes_fwd, "bytes_bwd": case.bytes_bwd}
     for impl in impls:
         fn = fns[impl]
-        fwd = [_fwd_fn(fn, inp) for inp in input_sets]
+        fwd = [fwd_fn(fn, inp) for inp in input_sets]
         grad_cache: dict = {}
-        fb = [_fwd_bwd_fn(fn, inp, case.grad_inputs, grad_cache) for inp in input_sets]
+        fb = [fwd_bwd_fn(fn, inp, case.grad_inputs, grad_cache) for inp in input_sets]
         if device == "cuda":
             t_fwd, t_fb = time_cuda(fwd, repeats), time_cuda(fb, repeats)
         else:
@@ -362,5 +361,5 @@ class Progress:
             sys.stderr.write("\n")
 
 
-__all__ = ["Case", "IMPLS", "run_case", "environment", "format_table", "save", "Progress",
-           "dataclasses"]
+__all__ = ["Case", "IMPLS", "run_case", "fwd_fn", "fwd_bwd_fn", "environment", "format_table",
+           "save", "Progress"]
