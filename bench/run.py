@@ -12,6 +12,7 @@ how times, peak memory and the memory floor are measured.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -33,7 +34,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--out", default="", help="JSON path (PNG beside it); default bench/out/")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--report", default="", help="print the table of a saved JSON file and exit")
     args = p.parse_args(argv)
+
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        m = saved["meta"]
+        print(f"{m['device_name']}, torch {m['torch']}, commit {m['commit'][:12]}, {m['date']}"
+              f"{' (quick)' if m['quick'] else ''}\n")
+        print(format_table(saved["results"]))
+        return 0
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU visible", file=sys.stderr)
