@@ -172,7 +172,7 @@ __global__ void bwd_reg_kernel(
     const at::opmath_type<T>* __restrict__ rstd,
     const at::opmath_type<T>* __restrict__ w,
     T* __restrict__ dx,
-    at::opmath_type<T>* __restrict__ dw_partial,  // [gridDim.x * blockDim.y, N]
+    at::opmath_type<T>* __restrict__ dw_partial,  // [gridDim.x, N] or null
     int64_t M,
     int nvec) {
   using A = at::opmath_type<T>;
@@ -234,18 +234,40 @@ __global__ void bwd_reg_kernel(
       }
     }
   }
-  if (dw_partial != nullptr) {
-    A* p = dw_partial +
-        (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * N;
+  if (dw_partial == nullptr) return;
+  // Rows of the block that share columns (threadIdx.y > 0) fold their
+  // accumulators into row 0 in a fixed order through shared memory, so each
+  // block writes a single partial row.
+  extern __shared__ unsigned char fold_raw[];
+  A* fold = reinterpret_cast<A*>(fold_raw);  // [tpr * kIters * V]
+  for (int y = 1; y < static_cast<int>(blockDim.y); ++y) {
+    if (threadIdx.y == y) {
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int v = threadIdx.x + i * tpr;
-      if (v < nvec) {
-        Vec<A, V> o;
+      for (int i = 0; i < kIters; ++i) {
 #pragma unroll
-        for (int k = 0; k < V; ++k) o.v[k] = acc[i][k];
-        store_vec<A, V>(p + static_cast<int64_t>(v) * V, o);
+        for (int k = 0; k < V; ++k) fold[(i * tpr + threadIdx.x) * V + k] = acc[i][k];
       }
+    }
+    __syncthreads();
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[i][k] += fold[(i * tpr + threadIdx.x) * V + k];
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y != 0) return;
+  A* p = dw_partial + static_cast<int64_t>(blockIdx.x) * N;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int v = threadIdx.x + i * tpr;
+    if (v < nvec) {
+      Vec<A, V> o;
+#pragma unroll
+      for (int k = 0; k < V; ++k) o.v[k] = acc[i][k];
+      store_vec<A, V>(p + static_cast<int64_t>(v) * V, o);
     }
   }
 }
@@ -410,14 +432,21 @@ void bwd_launch_v(const BwdParams& p, const Config& c) {
   const bool want_dw = p.dweight.defined();
   if (c.reg) {
     const dim3 block(c.tpr, c.rows);
-    const int64_t grid = grid_for(p.M, c.rows, c.tpr * c.rows);
+    // With a weight gradient, each block writes one partial row: keep the
+    // grid to about two resident blocks per SM so that the partial rows (and
+    // their final sum) stay small next to the data.
+    const int64_t grid = want_dw
+        ? std::max<int64_t>(1, std::min<int64_t>(ceil_div(p.M, c.rows), 2 * num_sms()))
+        : grid_for(p.M, c.rows, c.tpr * c.rows);
     at::Tensor partial;
     A* part = nullptr;
+    size_t smem = 0;
     if (want_dw) {
-      partial = at::empty({grid * c.rows, p.N}, p.dweight.options());
+      partial = at::empty({grid, p.N}, p.dweight.options());
       part = partial.mutable_data_ptr<A>();
+      if (c.rows > 1) smem = sizeof(A) * c.tpr * kIters * V;
     }
-    bwd_reg_kernel<T, V><<<grid, block, 0, stream>>>(
+    bwd_reg_kernel<T, V><<<grid, block, smem, stream>>>(
         dy, ds, x, rstd, w, dx, part, p.M, static_cast<int>(c.nvec));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (want_dw) sum_rows(p.dweight, partial);
