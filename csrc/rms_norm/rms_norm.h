@@ -57,4 +57,39 @@ std::tuple<at::Tensor, at::Tensor> backward(
     bool weight_grad,
     BwdLauncher launch);
 
+// The op entry points for one device, ready for m.impl: the CPU and CUDA
+// registrations instantiate these with their launchers.
+template <FwdLauncher launch>
+std::tuple<at::Tensor, at::Tensor> rms_norm_op(
+    const at::Tensor& input,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    double eps) {
+  return forward(input, normalized_shape, weight, eps, launch);
+}
+
+template <FwdLauncher launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_op(
+    const at::Tensor& input,
+    const at::Tensor& residual,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    double eps) {
+  return add_forward(input, residual, normalized_shape, weight, eps, launch);
+}
+
+template <BwdLauncher launch>
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_op(
+    const at::Tensor& grad_out,
+    const std::optional<at::Tensor>& grad_summed,
+    const at::Tensor& input,
+    const at::Tensor& rstd,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    bool weight_grad) {
+  return backward(
+      grad_out, grad_summed, input, rstd, normalized_shape, weight,
+      weight_grad, launch);
+}
+
 }  // namespace torchfuse::rms_norm

@@ -233,42 +233,12 @@ void bwd_cpu(const BwdParams& p) {
       [&] { bwd_cpu_kernel<scalar_t>(p); });
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(
-    const at::Tensor& input,
-    at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight,
-    double eps) {
-  return forward(input, normalized_shape, weight, eps, fwd_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(
-    const at::Tensor& input,
-    const at::Tensor& residual,
-    at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight,
-    double eps) {
-  return add_forward(input, residual, normalized_shape, weight, eps, fwd_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(
-    const at::Tensor& grad_out,
-    const std::optional<at::Tensor>& grad_summed,
-    const at::Tensor& input,
-    const at::Tensor& rstd,
-    at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight,
-    bool weight_grad) {
-  return backward(
-      grad_out, grad_summed, input, rstd, normalized_shape, weight,
-      weight_grad, bwd_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
-  m.impl("rms_norm", &rms_norm_cpu);
-  m.impl("add_rms_norm", &add_rms_norm_cpu);
-  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("rms_norm", &rms_norm_op<fwd_cpu>);
+  m.impl("add_rms_norm", &add_rms_norm_op<fwd_cpu>);
+  m.impl("rms_norm_backward", &rms_norm_backward_op<bwd_cpu>);
 }
 
 }  // namespace torchfuse::rms_norm

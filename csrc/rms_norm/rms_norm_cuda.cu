@@ -500,45 +500,12 @@ void bwd_cuda(const BwdParams& p) {
       [&] { bwd_launch<scalar_t>(p); });
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(
-    const at::Tensor& input,
-    at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight,
-    double eps) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return forward(input, normalized_shape, weight, eps, fwd_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cuda(
-    const at::Tensor& input,
-    const at::Tensor& residual,
-    at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight,
-    double eps) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return add_forward(input, residual, normalized_shape, weight, eps, fwd_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
-    const at::Tensor& grad_out,
-    const std::optional<at::Tensor>& grad_summed,
-    const at::Tensor& input,
-    const at::Tensor& rstd,
-    at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight,
-    bool weight_grad) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return backward(
-      grad_out, grad_summed, input, rstd, normalized_shape, weight,
-      weight_grad, bwd_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
-  m.impl("rms_norm", &rms_norm_cuda);
-  m.impl("add_rms_norm", &add_rms_norm_cuda);
-  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
+  m.impl("rms_norm", &rms_norm_op<fwd_cuda>);
+  m.impl("add_rms_norm", &add_rms_norm_op<fwd_cuda>);
+  m.impl("rms_norm_backward", &rms_norm_backward_op<bwd_cuda>);
 }
 
 }  // namespace torchfuse::rms_norm
