@@ -25,6 +25,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from build_env import find_cuda_home, nvidia_dirs  # noqa: E402
+
 VERSION = "0.1.0"
 
 

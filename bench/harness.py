@@ -282,15 +282,16 @@ def _mb(b) -> str:
 def format_table(results: list[dict]) -> str:
     head = ("| case | fwd ms: torchfuse / eager / compile | fwd speedup vs eager, compile "
             "| fwd % of floor | f+b ms: torchfuse / eager / compile "
-            "| f+b speedup vs eager, compile | bwd % of floor | f+b peak MB: torchfuse / eager / compile |")
+            "| f+b speedup vs eager, compile | bwd % of floor "
+            "| f+b peak MB: torchfuse / eager / compile |")
     lines = [head, "|" + "---|" * 8]
     for r in results:
         tf, ea, co = r["torchfuse"], r["eager"], r.get("compile")
 
-        def ms(k, co=co):
+        def ms(k, tf=tf, ea=ea, co=co):
             return f"{tf[k]:.3f} / {ea[k]:.3f} / " + (f"{co[k]:.3f}" if co else "-")
 
-        def sp(k):
+        def sp(k, r=r, co=co):
             s = f"{r[f'speedup_vs_eager_{k}']:.2f}x"
             return s + (f", {r[f'speedup_vs_compile_{k}']:.2f}x" if co else "")
 
@@ -319,7 +320,8 @@ def write_chart(results: list[dict], meta: dict, path: str) -> bool:
     width = 0.8 / max(len(series), 1)
     for i, (name, key) in enumerate(series):
         xs = [j + i * width for j in range(len(labels))]
-        ax.bar(xs, [r[key] for r in results], width, label=f"vs {name.replace('fwdbwd', 'fwd+bwd')}")
+        label = f"vs {name.replace('fwdbwd', 'fwd+bwd')}"
+        ax.bar(xs, [r[key] for r in results], width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)

@@ -21,12 +21,14 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 
 import torch  # noqa: E402
+
 from cases import CASES  # noqa: E402
 from harness import IMPLS, Progress, environment, format_table, run_case, save  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="", help="comma-separated dtypes, e.g. float32,bfloat16")
     p.add_argument("--only", default="", help="comma-separated substrings of case labels")

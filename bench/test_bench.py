@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+
 from cases import CASES
 from harness import IMPLS, fwd_bwd_fn, fwd_fn
 

@@ -11,10 +11,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import randn
 
 import torchfuse
 from torchfuse import _ops
+
+from conftest import randn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

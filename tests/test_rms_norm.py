@@ -7,6 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+
+import torchfuse
+from torchfuse import functional as F
+from torchfuse import reference as R
+
 from conftest import (
     DTYPES,
     HAS_CUDA,
@@ -14,10 +19,6 @@ from conftest import (
     assert_raises_like_torch,
     randn,
 )
-
-import torchfuse
-from torchfuse import functional as F
-from torchfuse import reference as R
 
 # (input shape, normalized_shape): edge cases of the kernels' tiling.
 SHAPES = [
@@ -105,7 +106,8 @@ def test_add_rms_norm_matches_reference(device, dtype, shape, ns, affine):
     if w is not None:  # weight gradient through the rounded sum
         w64 = _leaf(w, torch.float64)
         ref_out = R.rms_norm(summed + (ref_sum - ref_sum.detach()), ns, w64, eps)
-        ref_grads = torch.autograd.grad((ref_out, ref_sum), (x64, r64, w64), (go.double(), gs.double()))
+        ref_grads = torch.autograd.grad((ref_out, ref_sum), (x64, r64, w64),
+                                        (go.double(), gs.double()))
     else:
         ref_grads = torch.autograd.grad((ref_out, ref_sum), (x64, r64), (go.double(), gs.double()))
     ref = (ref_out, summed, *ref_grads)

@@ -65,7 +65,8 @@ def cmake_args() -> list[str]:
                      f"-DCMAKE_CUDA_COMPILER={os.path.join(home, 'bin', 'nvcc')}"]
         for lib in nvidia_dirs("lib"):
             nvrtc = sorted(glob.glob(os.path.join(lib, "libnvrtc.so*")))
-            if nvrtc and not glob.glob(os.path.join(home or "/nonexistent", "lib64", "libnvrtc.so*")):
+            in_toolkit = glob.glob(os.path.join(home or "/nonexistent", "lib64", "libnvrtc.so*"))
+            if nvrtc and not in_toolkit:
                 args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
                 break
     return args

@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import _ops  # noqa: E402,I001  (loads the extension first)
+from . import _ops  # noqa: E402,F401,I001  (loads the extension first)
 from . import functional, nn, reference  # noqa: E402
 from .convert import convert  # noqa: E402
 from .info import info  # noqa: E402
