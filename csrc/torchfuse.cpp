@@ -28,6 +28,16 @@ TORCH_LIBRARY(torchfuse, m) {
       "Tensor rstd, int[] normalized_shape, Tensor? weight, bool weight_grad) "
       "-> (Tensor grad_input, Tensor grad_weight)",
       tags);
+  // --- Channel shuffle (csrc/channel_shuffle) ------------------------------
+  // Any dtype (a permutation). cat_shuffle = channel_shuffle(cat(tensors, 1),
+  // groups) in one pass; its backward writes every piece's gradient in one
+  // pass (split_sizes: the pieces' channel counts).
+  m.def("channel_shuffle(Tensor input, int groups) -> Tensor", tags);
+  m.def("cat_shuffle(Tensor[] tensors, int groups) -> Tensor", tags);
+  m.def(
+      "cat_shuffle_backward(Tensor grad_out, int[] split_sizes, int groups) "
+      "-> Tensor[]",
+      tags);
 }
 
 #ifdef TORCHFUSE_PYTHON_MODULE

@@ -50,3 +50,26 @@ def floating(t: torch.Tensor, fn: str, arg: str = "input") -> None:
     """torch raises NotImplementedError for integer input to a float op."""
     if not t.is_floating_point():
         raise NotImplementedError(f"{fn}: \"{arg}\" not implemented for '{t.dtype}'")
+
+
+def integer(value, fn: str, arg: str, position: int) -> None:
+    """An int argument (bool and float rejected), as torch's parser does."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(
+            f"{fn}(): argument '{arg}' (position {position}) must be int, "
+            f"not {type(value).__name__}"
+        )
+
+
+def tensor_list(value, fn: str, arg: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{fn}(): argument '{arg}' must be tuple of Tensors, not {type(value).__name__}"
+        )
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{fn}(): expected Tensor as element {i} in argument '{arg}', "
+                f"but got {type(t).__name__}"
+            )
+    return list(value)

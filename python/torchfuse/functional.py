@@ -15,7 +15,7 @@ from . import _validate as check
 from . import reference
 from ._ops import use_kernel
 
-__all__ = ["rms_norm", "add_rms_norm"]
+__all__ = ["rms_norm", "add_rms_norm", "channel_shuffle", "cat_shuffle"]
 
 
 def rms_norm(
@@ -73,3 +73,42 @@ def add_rms_norm(
         input, residual, normalized_shape, weight, float(eps)
     )
     return out, summed
+
+
+def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:
+    """Channel shuffle (ShuffleNet): ``input (N, C, *)`` viewed as
+    ``(N, groups, C // groups, *)``, dims 1 and 2 swapped, flattened back.
+
+    Same contract as :func:`torch.nn.functional.channel_shuffle`: any rank >= 3,
+    any dtype (a permutation: integer, bool and complex too), ``C`` divisible by
+    ``groups > 0``. A channels_last(_3d) input gives an output in the same
+    format with no layout copy. ``channel_shuffle(x, C // groups)`` is the
+    inverse permutation (and the backward).
+    """
+    check.tensor(input, "channel_shuffle", "input")
+    check.integer(groups, "channel_shuffle", "groups", 2)
+    if not use_kernel("channel_shuffle", input.device):
+        return reference.channel_shuffle(input, groups)
+    return torch.ops.torchfuse.channel_shuffle(input, int(groups))
+
+
+def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
+    """``channel_shuffle(torch.cat(tensors, dim=1), groups)`` in one pass.
+
+    The tail of a ShuffleNetV2 unit. ``tensors``: pieces ``(N, C_k, *)`` with
+    equal ``N`` and ``*``, any channel counts whose sum ``C`` divides by
+    ``groups``. Mixed dtypes are promoted as by :func:`torch.cat`. The output is
+    channels_last when every piece is; the backward writes each piece's
+    gradient in one pass.
+    """
+    tensors = check.tensor_list(tensors, "cat_shuffle", "tensors")
+    check.integer(groups, "cat_shuffle", "groups", 2)
+    if tensors:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        tensors = [t.to(dtype) for t in tensors]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if not use_kernel("cat_shuffle", device):
+        return reference.cat_shuffle(tensors, groups)
+    return torch.ops.torchfuse.cat_shuffle(tensors, int(groups))

@@ -13,7 +13,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "ChannelShuffle"]
 
 
 class _DropIn:
@@ -38,3 +38,10 @@ class RMSNorm(_DropIn, torch.nn.RMSNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class ChannelShuffle(_DropIn, torch.nn.ChannelShuffle):
+    """:class:`torch.nn.ChannelShuffle` computed by torchfuse's kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.channel_shuffle(input, self.groups)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["rms_norm", "add_rms_norm"]
+__all__ = ["rms_norm", "add_rms_norm", "channel_shuffle", "cat_shuffle"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -46,3 +46,16 @@ def add_rms_norm(
     """(rms_norm(input + residual), input + residual)."""
     summed = input + residual
     return rms_norm(summed, normalized_shape, weight, eps), summed
+
+
+def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, *) -> view (N, groups, C // groups, *) -> swap dims 1, 2 -> (N, C, *)."""
+    n, c = input.shape[0], input.shape[1]
+    rest = input.shape[2:]
+    out = input.reshape(n, groups, c // groups, *rest).transpose(1, 2)
+    return out.reshape(input.shape)
+
+
+def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
+    """channel_shuffle(torch.cat(tensors, dim=1), groups)."""
+    return channel_shuffle(torch.cat(list(tensors), dim=1), groups)

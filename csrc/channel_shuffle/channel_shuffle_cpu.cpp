@@ -1,0 +1,119 @@
+// Channel shuffle and cat + shuffle: CPU kernels and the CPU registration.
+// Checks, layouts and the channel map: channel_shuffle.{h,cpp}.
+//
+// The channel map is resolved once per call into a table: for every
+// destination channel, its base address and the stride between consecutive
+// outer indices (O), on both sides. Then
+//   * I > 1 (contiguous layout): each (o, channel) is one memcpy of a plane;
+//   * I == 1 (channels_last): each outer row is a gather of C elements, moved
+//     as integers of the element's size.
+#include "channel_shuffle.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace torchfuse::channel_shuffle {
+
+namespace {
+
+struct Entry {
+  char* dst;
+  const char* src;
+  int64_t dst_stride;  // bytes between consecutive o
+  int64_t src_stride;
+};
+
+struct Elem16 {
+  uint64_t lo, hi;
+};
+
+template <typename E>
+void gather_rows(const std::vector<Entry>& table, int64_t O) {
+  const int64_t C = static_cast<int64_t>(table.size());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) {
+    const Entry* t = table.data();
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t c = 0; c < C; ++c) {
+        E v;
+        std::memcpy(&v, t[c].src + o * t[c].src_stride, sizeof(E));
+        std::memcpy(t[c].dst + o * t[c].dst_stride, &v, sizeof(E));
+      }
+    }
+  });
+}
+
+void copy_planes(const std::vector<Entry>& table, int64_t O, int64_t plane_bytes) {
+  const int64_t C = static_cast<int64_t>(table.size());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(plane_bytes, 1));
+  at::parallel_for(0, O * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / C, c = r % C;
+      const Entry& e = table[c];
+      std::memcpy(e.dst + o * e.dst_stride, e.src + o * e.src_stride, plane_bytes);
+    }
+  });
+}
+
+void launch_cpu(const Params& p) {
+  const int64_t esize = p.shuffled.element_size();
+  const int64_t cpg = p.C / p.groups;
+  const int64_t plane = p.I * esize;
+  // piece index and local channel of every concatenated channel
+  std::vector<char*> base;
+  std::vector<int64_t> piece_c;
+  std::vector<int> piece_of(p.C);
+  std::vector<int64_t> local(p.C);
+  int64_t c0 = 0;
+  for (size_t k = 0; k < p.pieces.size(); ++k) {
+    base.push_back(static_cast<char*>(p.pieces[k].data_ptr()));
+    const int64_t ck = p.pieces[k].size(1);
+    piece_c.push_back(ck);
+    for (int64_t j = 0; j < ck; ++j) {
+      piece_of[c0 + j] = static_cast<int>(k);
+      local[c0 + j] = j;
+    }
+    c0 += ck;
+  }
+  char* sh = static_cast<char*>(p.shuffled.data_ptr());
+  std::vector<Entry> table(p.C);
+  for (int64_t c = 0; c < p.C; ++c) {
+    const int64_t s = (c % cpg) * p.groups + c / cpg;
+    const int k = piece_of[c];
+    char* pc = base[k] + local[c] * plane;
+    char* sc = sh + s * plane;
+    const int64_t ps = piece_c[k] * plane, ss = p.C * plane;
+    // Indexed by destination channel, so that the writes of a row are in order.
+    if (p.to_shuffled) {
+      table[s] = Entry{sc, pc, ss, ps};
+    } else {
+      table[c] = Entry{pc, sc, ps, ss};
+    }
+  }
+  if (p.I > 1) {
+    copy_planes(table, p.O, plane);
+    return;
+  }
+  switch (esize) {
+    case 1: return gather_rows<uint8_t>(table, p.O);
+    case 2: return gather_rows<uint16_t>(table, p.O);
+    case 4: return gather_rows<uint32_t>(table, p.O);
+    case 8: return gather_rows<uint64_t>(table, p.O);
+    case 16: return gather_rows<Elem16>(table, p.O);
+    default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", esize);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
+  m.impl("channel_shuffle", &channel_shuffle_op<launch_cpu>);
+  m.impl("cat_shuffle", &cat_shuffle_op<launch_cpu>);
+  m.impl("cat_shuffle_backward", &cat_shuffle_backward_op<launch_cpu>);
+}
+
+}  // namespace torchfuse::channel_shuffle
