@@ -77,4 +77,69 @@ def rms_norm_cases() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = [*rms_norm_cases()]
+# ----------------------------------------------------------- channel shuffle
+# ShuffleNetV2 (1x) stage tails: cat of two halves, then channel_shuffle(., 2);
+# ShuffleNetV1 stage-2 units with g = 3 (240 channels) and g = 8 (384).
+SHUFFLE_V2 = [(116, 28), (232, 14), (464, 7)]
+SHUFFLE_V1 = [(240, 28, 3), (384, 28, 8)]
+
+
+def _shuffle_inputs(N, C, HW, pieces, channels_last):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return {
+            f"x{k}": torch.randn(N, C // pieces, HW, HW, generator=g).to(device, dtype)
+            .contiguous(memory_format=fmt).requires_grad_()
+            for k in range(pieces)
+        }
+
+    return make
+
+
+def _tf_shuffle(groups):
+    return lambda x0: F.channel_shuffle(x0, groups)
+
+
+def _eager_shuffle(groups):
+    return lambda x0: TF.channel_shuffle(x0, groups)
+
+
+def _tf_cat_shuffle(x0, x1):
+    return F.cat_shuffle([x0, x1], 2)
+
+
+def _eager_cat_shuffle(x0, x1):
+    return TF.channel_shuffle(torch.cat([x0, x1], dim=1), 2)
+
+
+def channel_shuffle_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for cl in (False, True):
+            layout = {"layout": "channels_last"} if cl else {}
+            shapes = [(N, C, HW, 2) for C, HW in SHUFFLE_V2 for N in (1, 64, 256)]
+            shapes += [(N, C, HW, g) for C, HW, g in SHUFFLE_V1 for N in (1, 64)]
+            for N, C, HW, groups in shapes:
+                nbytes = N * C * HW * HW * _size(dtype)
+                cases.append(Case(
+                    op="channel_shuffle", name=f"{N}x{C}x{HW}x{HW} g={groups}", dtype=dtype,
+                    make_inputs=_shuffle_inputs(N, C, HW, 1, cl),
+                    torchfuse=_tf_shuffle(groups), eager=_eager_shuffle(groups),
+                    grad_inputs=("x0",), bytes_fwd=2 * nbytes, bytes_bwd=2 * nbytes,
+                    tags=dict(layout),
+                ))
+            for C, HW in SHUFFLE_V2:
+                for N in (1, 64, 256):
+                    nbytes = N * C * HW * HW * _size(dtype)
+                    cases.append(Case(
+                        op="cat_shuffle", name=f"{N}x({C // 2}+{C // 2})x{HW}x{HW} g=2",
+                        dtype=dtype, make_inputs=_shuffle_inputs(N, C, HW, 2, cl),
+                        torchfuse=_tf_cat_shuffle, eager=_eager_cat_shuffle,
+                        grad_inputs=("x0", "x1"), bytes_fwd=2 * nbytes, bytes_bwd=2 * nbytes,
+                        tags=dict(layout),
+                    ))
+    return cases
+
+
+CASES: list[Case] = [*rms_norm_cases(), *channel_shuffle_cases()]

@@ -88,7 +88,13 @@ at::Tensor cat_forward(at::TensorList tensors, int64_t groups, Launcher launch) 
       !tensors.empty(), "cat_shuffle(): expected a non-empty list of tensors");
   const at::Tensor& first = tensors[0];
   check_input(first, "tensors[0]");
-  bool all_cl = true;
+  // channels_last when every piece is laid out so (pieces dense in both
+  // formats, e.g. of one channel, do not count against it) and one is not
+  // plain contiguous; else contiguous.
+  const auto cl_fmt = first.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                       : at::MemoryFormat::ChannelsLast;
+  bool all_cl = first.dim() == 4 || first.dim() == 5;
+  bool any_cl = false;
   int64_t C = 0;
   for (size_t k = 0; k < tensors.size(); ++k) {
     const at::Tensor& t = tensors[k];
@@ -113,12 +119,13 @@ at::Tensor cat_forward(at::TensorList tensors, int64_t groups, Launcher launch) 
         "cat_shuffle(): expected all tensors of the same dtype, but got "
         "tensors[0] of ", first.scalar_type(), " and tensors[", k, "] of ",
         t.scalar_type());
-    all_cl = all_cl && is_channels_last(layout_of(t));
+    const bool cl = is_channels_last(layout_of(t));
+    all_cl = all_cl && (cl || t.is_contiguous(cl_fmt));
+    any_cl = any_cl || cl;
     C += t.size(1);
   }
   check_groups(C, groups);
-  // channels_last when every piece is (what torch.cat gives), else contiguous.
-  const auto fmt = all_cl ? layout_of(first) : at::MemoryFormat::Contiguous;
+  const auto fmt = all_cl && any_cl ? cl_fmt : at::MemoryFormat::Contiguous;
   std::vector<int64_t> sizes = first.sizes().vec();
   sizes[1] = C;
   Params p;

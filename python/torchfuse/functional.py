@@ -103,12 +103,13 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     """
     tensors = check.tensor_list(tensors, "cat_shuffle", "tensors")
     check.integer(groups, "cat_shuffle", "groups", 2)
+    if not tensors:  # as torch.cat (the dispatcher cannot route an empty list)
+        raise ValueError("cat_shuffle(): expected a non-empty list of tensors")
     if tensors:
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         tensors = [t.to(dtype) for t in tensors]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    if not use_kernel("cat_shuffle", device):
+    if not use_kernel("cat_shuffle", tensors[0].device):
         return reference.cat_shuffle(tensors, groups)
     return torch.ops.torchfuse.cat_shuffle(tensors, int(groups))

@@ -58,8 +58,16 @@ if op_defined("channel_shuffle"):
 
 
 def _cat_layout(tensors) -> torch.memory_format:
-    fmts = {_layout(t) for t in tensors}
-    return fmts.pop() if len(fmts) == 1 else torch.contiguous_format
+    """cat_shuffle's output layout (channel_shuffle.cpp, cat_forward)."""
+    dim = tensors[0].dim()
+    if dim not in (4, 5):
+        return torch.contiguous_format
+    cl_fmt = torch.channels_last if dim == 4 else torch.channels_last_3d
+    fmts = [_layout(t) for t in tensors]
+    all_cl = all(f == cl_fmt or t.is_contiguous(memory_format=cl_fmt)
+                 for f, t in zip(fmts, tensors))
+    any_cl = any(f == cl_fmt for f in fmts)
+    return cl_fmt if all_cl and any_cl else torch.contiguous_format
 
 
 if op_defined("cat_shuffle"):

@@ -1,0 +1,221 @@
+// Channel shuffle and cat + shuffle: CUDA kernels and the CUDA registration.
+// Checks, layouts and the channel map: channel_shuffle.{h,cpp}.
+//
+// One grid-stride kernel walks the destination flat, V elements per thread,
+// and computes each source address from the channel map (no device table,
+// so nothing is copied from the host):
+//   * plane mode (contiguous layout, I > 1): the V elements share a channel,
+//     so both the load and the store are one 16-byte access when I, and every
+//     base address, allow it;
+//   * channel mode (channels_last, I == 1): the V elements are V consecutive
+//     destination channels of one outer row: V scalar gathers (coalesced
+//     across the warp) and one 16-byte store.
+// Kernels are templated on the element size only (1, 2, 4, 8, 16 bytes),
+// which covers every dtype. 32-bit indexing when the tensor allows it, else
+// 64-bit. Up to kMaxPieces pieces travel as a kernel argument; more pieces
+// take a two-pass path (cat, then shuffle; or shuffle, then split).
+#include "channel_shuffle.h"
+
+#include "../common/cuda_utils.cuh"
+
+#include <ATen/Functions.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace torchfuse::channel_shuffle {
+namespace {
+
+using namespace torchfuse::cuda;
+
+constexpr int kMaxPieces = 8;
+constexpr int kThreads = 256;
+
+struct PieceTable {
+  char* ptr[kMaxPieces];
+  int64_t begin[kMaxPieces + 1];  // channel offsets in the concatenation
+  int n;
+};
+
+struct alignas(16) Elem16 {
+  uint64_t lo, hi;
+};
+
+template <typename index_t>
+__device__ __forceinline__ int find_piece(const PieceTable& t, index_t c) {
+  int k = 0;
+  while (k + 1 < t.n && c >= static_cast<index_t>(t.begin[k + 1])) ++k;
+  return k;
+}
+
+// Source address of concatenated channel c, row o, offset i (forward).
+template <typename T, typename index_t>
+__device__ __forceinline__ const T* piece_addr(
+    const PieceTable& t, index_t o, index_t c, index_t i, index_t I) {
+  const int k = find_piece(t, c);
+  const index_t b = static_cast<index_t>(t.begin[k]);
+  const index_t ck = static_cast<index_t>(t.begin[k + 1]) - b;
+  return reinterpret_cast<const T*>(t.ptr[k]) + ((o * ck + (c - b)) * I + i);
+}
+
+// kToShuffled: destination = shuffled (channel s), source = the pieces.
+// else:        destination = the pieces (concatenated channel c), source = shuffled.
+template <typename T, int V, bool kPlane, bool kToShuffled, typename index_t>
+__global__ void shuffle_kernel(
+    PieceTable pieces,
+    T* shuffled,
+    index_t C,
+    index_t I,
+    index_t cpg,
+    index_t groups,
+    index_t nvec) {
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       v < nvec; v += step) {
+    const index_t e = v * V;
+    index_t i, ch, o;
+    if constexpr (kPlane) {
+      i = e % I;
+      const index_t row = e / I;
+      ch = row % C;
+      o = row / C;
+    } else {
+      i = 0;
+      ch = e % C;
+      o = e / C;
+    }
+    if constexpr (kToShuffled) {
+      T* dst = shuffled + ((o * C + ch) * I + i);
+      if constexpr (kPlane) {
+        const index_t c = (ch % groups) * cpg + ch / groups;
+        store_vec<T, V>(dst, load_vec<T, V>(piece_addr<T>(pieces, o, c, i, I)));
+      } else {
+        Vec<T, V> out;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const index_t s = ch + j;
+          const index_t c = (s % groups) * cpg + s / groups;
+          out.v[j] = *piece_addr<T>(pieces, o, c, index_t(0), index_t(1));
+        }
+        store_vec<T, V>(dst, out);
+      }
+    } else {
+      // The V destination channels lie in one piece (V divides every C_k).
+      T* dst = const_cast<T*>(piece_addr<T>(pieces, o, ch, i, I));
+      if constexpr (kPlane) {
+        const index_t s = (ch % cpg) * groups + ch / cpg;
+        store_vec<T, V>(dst, load_vec<T, V>(shuffled + ((o * C + s) * I + i)));
+      } else {
+        Vec<T, V> out;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const index_t c = ch + j;
+          const index_t s = (c % cpg) * groups + c / cpg;
+          out.v[j] = shuffled[o * C + s];
+        }
+        store_vec<T, V>(dst, out);
+      }
+    }
+  }
+}
+
+template <typename T, int V, bool kPlane, bool kToShuffled, typename index_t>
+void launch_kernel(const PieceTable& table, const Params& p) {
+  const int64_t nvec = p.O * p.C * p.I / V;
+  const int64_t blocks = std::min<int64_t>(
+      ceil_div(nvec, kThreads), static_cast<int64_t>(num_sms()) * 16);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  shuffle_kernel<T, V, kPlane, kToShuffled, index_t>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          table, static_cast<T*>(p.shuffled.data_ptr()),
+          static_cast<index_t>(p.C), static_cast<index_t>(p.I),
+          static_cast<index_t>(p.C / p.groups), static_cast<index_t>(p.groups),
+          static_cast<index_t>(nvec));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int V, bool kPlane, bool kToShuffled>
+void launch_index(const PieceTable& table, const Params& p) {
+  // Every index the kernel forms is below numel (+ one step of the grid).
+  const int64_t numel = p.O * p.C * p.I;
+  if (numel + static_cast<int64_t>(num_sms()) * 16 * kThreads * V <
+      std::numeric_limits<int32_t>::max()) {
+    launch_kernel<T, V, kPlane, kToShuffled, uint32_t>(table, p);
+  } else {
+    launch_kernel<T, V, kPlane, kToShuffled, int64_t>(table, p);
+  }
+}
+
+template <typename T, int V>
+void launch_mode(const PieceTable& table, const Params& p) {
+  const bool plane = p.I > 1;
+  if (plane && p.to_shuffled) return launch_index<T, V, true, true>(table, p);
+  if (plane) return launch_index<T, V, true, false>(table, p);
+  if (p.to_shuffled) return launch_index<T, V, false, true>(table, p);
+  return launch_index<T, V, false, false>(table, p);
+}
+
+template <typename T>
+void launch_typed(const Params& p) {
+  constexpr int VM = vec_width<T>();
+  PieceTable table{};
+  table.n = static_cast<int>(p.pieces.size());
+  bool aligned = is_aligned(p.shuffled.data_ptr(), 16);
+  bool divisible = p.I > 1 ? p.I % VM == 0 : p.C % VM == 0;
+  int64_t c0 = 0;
+  for (int k = 0; k < table.n; ++k) {
+    const at::Tensor& t = p.pieces[k];
+    table.ptr[k] = static_cast<char*>(t.data_ptr());
+    table.begin[k] = c0;
+    c0 += t.size(1);
+    aligned = aligned && is_aligned(t.data_ptr(), 16);
+    if (p.I == 1) divisible = divisible && t.size(1) % VM == 0;
+  }
+  table.begin[table.n] = c0;
+  if constexpr (VM > 1) {
+    if (aligned && divisible) return launch_mode<T, VM>(table, p);
+  }
+  launch_mode<T, 1>(table, p);
+}
+
+void launch_cuda(const Params& p) {
+  const at::cuda::CUDAGuard guard(p.shuffled.device());
+  if (static_cast<int>(p.pieces.size()) > kMaxPieces) {
+    // Rare (more than kMaxPieces pieces): two passes through one tensor.
+    const auto fmt = p.shuffled.suggest_memory_format();
+    Params q = p;
+    if (p.to_shuffled) {
+      q.pieces = {at::cat(p.pieces, 1).contiguous(fmt)};
+      return launch_cuda(q);
+    }
+    q.pieces = {at::empty_like(p.shuffled, p.shuffled.options().memory_format(fmt))};
+    launch_cuda(q);
+    int64_t c0 = 0;
+    for (const auto& t : p.pieces) {
+      const_cast<at::Tensor&>(t).copy_(q.pieces[0].narrow(1, c0, t.size(1)));
+      c0 += t.size(1);
+    }
+    return;
+  }
+  switch (p.shuffled.element_size()) {
+    case 1: return launch_typed<uint8_t>(p);
+    case 2: return launch_typed<uint16_t>(p);
+    case 4: return launch_typed<uint32_t>(p);
+    case 8: return launch_typed<uint64_t>(p);
+    case 16: return launch_typed<Elem16>(p);
+    default:
+      TORCH_CHECK(false, "channel_shuffle: unsupported element size ",
+                  p.shuffled.element_size());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
+  m.impl("channel_shuffle", &channel_shuffle_op<launch_cuda>);
+  m.impl("cat_shuffle", &cat_shuffle_op<launch_cuda>);
+  m.impl("cat_shuffle_backward", &cat_shuffle_backward_op<launch_cuda>);
+}
+
+}  // namespace torchfuse::channel_shuffle
