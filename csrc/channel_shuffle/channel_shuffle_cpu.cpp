@@ -1,12 +1,11 @@
 // Channel shuffle and cat + shuffle: CPU kernels and the CPU registration.
 // Checks, layouts and the channel map: channel_shuffle.{h,cpp}.
 //
-// The channel map is resolved once per call into a table: for every
-// destination channel, its base address and the stride between consecutive
-// outer indices (O), on both sides. Then
-//   * I > 1 (contiguous layout): each (o, channel) is one memcpy of a plane;
-//   * I == 1 (channels_last): each outer row is a gather of C elements, moved
-//     as integers of the element's size.
+// The channel map is resolved once per call into a table. Then
+//   * I > 1 (contiguous layout): each (o, channel) is one memcpy of a plane
+//     (table: base address and outer stride of both sides per channel);
+//   * I == 1 (channels_last): per outer row, a gather/scatter of C elements
+//     moved as integers of the element's size (table: s(c) per channel).
 #include "channel_shuffle.h"
 
 #include <ATen/Parallel.h>
@@ -15,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace torchfuse::channel_shuffle {
 
@@ -31,17 +31,38 @@ struct Elem16 {
   uint64_t lo, hi;
 };
 
+// I == 1: per outer row, every piece's row is walked in order while the
+// shuffled row (C elements, in L1) is indexed through soff (s(c) per
+// concatenated channel c): contiguous on the piece side, a gather or scatter
+// within one small row on the other.
 template <typename E>
-void gather_rows(const std::vector<Entry>& table, int64_t O) {
-  const int64_t C = static_cast<int64_t>(table.size());
+void rows(const Params& p, const std::vector<int32_t>& soff) {
+  const int64_t C = p.C, O = p.O;
+  const int K = static_cast<int>(p.pieces.size());
+  std::vector<E*> base(K);
+  std::vector<int64_t> ck(K), c0(K);
+  int64_t acc = 0;
+  for (int k = 0; k < K; ++k) {
+    base[k] = static_cast<E*>(p.pieces[k].data_ptr());
+    ck[k] = p.pieces[k].size(1);
+    c0[k] = acc;
+    acc += ck[k];
+  }
+  E* sh = static_cast<E*>(p.shuffled.data_ptr());
+  const bool fwd = p.to_shuffled;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(C, 1));
   at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) {
-    const Entry* t = table.data();
     for (int64_t o = begin; o < end; ++o) {
-      for (int64_t c = 0; c < C; ++c) {
-        E v;
-        std::memcpy(&v, t[c].src + o * t[c].src_stride, sizeof(E));
-        std::memcpy(t[c].dst + o * t[c].dst_stride, &v, sizeof(E));
+      E* srow = sh + o * C;
+      for (int k = 0; k < K; ++k) {
+        E* prow = base[k] + o * ck[k];
+        const int32_t* off = soff.data() + c0[k];
+        const int64_t n = ck[k];
+        if (fwd) {
+          for (int64_t j = 0; j < n; ++j) srow[off[j]] = prow[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) prow[j] = srow[off[j]];
+        }
       }
     }
   });
@@ -80,13 +101,14 @@ void launch_cpu(const Params& p) {
     c0 += ck;
   }
   char* sh = static_cast<char*>(p.shuffled.data_ptr());
-  std::vector<Entry> table(p.C);
+  std::vector<Entry> table(p.I > 1 ? p.C : 0);
   for (int64_t c = 0; c < p.C; ++c) {
     const int64_t s = (c % cpg) * p.groups + c / cpg;
     const int k = piece_of[c];
     char* pc = base[k] + local[c] * plane;
     char* sc = sh + s * plane;
     const int64_t ps = piece_c[k] * plane, ss = p.C * plane;
+    if (p.I == 1) break;
     // Indexed by destination channel, so that the writes of a row are in order.
     if (p.to_shuffled) {
       table[s] = Entry{sc, pc, ss, ps};
@@ -98,12 +120,17 @@ void launch_cpu(const Params& p) {
     copy_planes(table, p.O, plane);
     return;
   }
+  TORCH_CHECK(p.C <= std::numeric_limits<int32_t>::max(), "channel_shuffle: too many channels");
+  std::vector<int32_t> soff(p.C);
+  for (int64_t c = 0; c < p.C; ++c) {
+    soff[c] = static_cast<int32_t>((c % cpg) * p.groups + c / cpg);
+  }
   switch (esize) {
-    case 1: return gather_rows<uint8_t>(table, p.O);
-    case 2: return gather_rows<uint16_t>(table, p.O);
-    case 4: return gather_rows<uint32_t>(table, p.O);
-    case 8: return gather_rows<uint64_t>(table, p.O);
-    case 16: return gather_rows<Elem16>(table, p.O);
+    case 1: return rows<uint8_t>(p, soff);
+    case 2: return rows<uint16_t>(p, soff);
+    case 4: return rows<uint32_t>(p, soff);
+    case 8: return rows<uint64_t>(p, soff);
+    case 16: return rows<Elem16>(p, soff);
     default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", esize);
   }
 }
