@@ -23,8 +23,9 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     counterpart, sharing the same parameters and buffers.
 
     Supported today: ``torch.nn.RMSNorm``, ``torch.nn.ChannelShuffle`` and
-    torchvision's ShuffleNetV2 ``InvertedResidual`` (cat + shuffle tail fused). Outputs and gradients equal the
-    original's within dtype tolerance and ``state_dict()`` keys are unchanged.
+    torchvision's ShuffleNetV2 ``InvertedResidual`` (cat + shuffle tail fused).
+    Outputs and gradients equal the original's within dtype tolerance and
+    ``state_dict()`` keys are unchanged.
     With ``inplace=False`` (default) the input module is left untouched and a
     converted deep copy is returned.
     """
