@@ -28,6 +28,25 @@ TORCH_LIBRARY(torchfuse, m) {
       "Tensor rstd, int[] normalized_shape, Tensor? weight, bool weight_grad) "
       "-> (Tensor grad_input, Tensor grad_weight)",
       tags);
+
+  // --- Local / spatial response norm (csrc/lrn) ----------------------------
+  // Only input is saved; the backward recomputes the window sums.
+  m.def(
+      "local_response_norm(Tensor input, int size, float alpha, float beta, "
+      "float k) -> Tensor",
+      tags);
+  m.def(
+      "local_response_norm_backward(Tensor grad_out, Tensor input, int size, "
+      "float alpha, float beta, float k) -> Tensor",
+      tags);
+  m.def(
+      "spatial_response_norm(Tensor input, int size, float alpha, float beta, "
+      "float k) -> Tensor",
+      tags);
+  m.def(
+      "spatial_response_norm_backward(Tensor grad_out, Tensor input, int size, "
+      "float alpha, float beta, float k) -> Tensor",
+      tags);
 }
 
 #ifdef TORCHFUSE_PYTHON_MODULE

@@ -13,6 +13,7 @@ from . import nn as tfnn
 # keep it). Exact types only: a user's subclass may override forward.
 CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module | None]] = {
     torch.nn.RMSNorm: tfnn.RMSNorm.from_torch,
+    torch.nn.LocalResponseNorm: tfnn.LocalResponseNorm.from_torch,
 }
 
 
@@ -20,7 +21,7 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """Returns ``module`` with every supported layer replaced by its torchfuse
     counterpart, sharing the same parameters and buffers.
 
-    Supported today: ``torch.nn.RMSNorm``. Outputs and gradients equal the
+    Supported today: ``torch.nn.RMSNorm``, ``torch.nn.LocalResponseNorm``. Outputs and gradients equal the
     original's within dtype tolerance and ``state_dict()`` keys are unchanged.
     With ``inplace=False`` (default) the input module is left untouched and a
     converted deep copy is returned.
