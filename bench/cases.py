@@ -97,6 +97,10 @@ def _tf_lrn(x):
 
 
 def _eager_lrn(x):
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # torch's CPU LRN (avg_pool3d) has no float16/bfloat16 kernel: the
+        # user's workaround is a float32 round trip.
+        return TF.local_response_norm(x.float(), 5, 1e-4, 0.75, 2.0).to(x.dtype)
     return TF.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
 
 

@@ -42,8 +42,8 @@ PARAMS = (2e-2, 0.75, 1.0)  # alpha, beta, k: alpha large enough to matter
 
 def _lowp_torch(fn, x, go, args):
     """torch's own result computed in x's dtype (for the low-precision
-    tolerance); torch's CPU LRN has no float16 kernel, so there it runs in
-    float32 and is rounded to float16."""
+    tolerance); torch's CPU LRN (avg_pool3d) has no float16/bfloat16 kernel,
+    so there it runs in float32 and is rounded to the dtype."""
     x = x.detach().requires_grad_()
     try:
         out = fn(x, *args)
