@@ -93,6 +93,17 @@ def _shuffle_inputs(N, C, HW, pieces, channels_last):
             .contiguous(memory_format=fmt).requires_grad_()
             for k in range(pieces)
         }
+# ---------------------------------------------------------- response norms
+# AlexNet (conv1/conv2 outputs) and GoogLeNet v1 (pre-/post-conv2) LRN inputs.
+LRN_SHAPES = [("alexnet1", 96, 55), ("alexnet2", 256, 27), ("googlenet1", 64, 56),
+              ("googlenet2", 192, 56)]
+LRN_BATCHES = (1, 32, 128)
+
+
+def _lrn_inputs(N, C, HW):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return {"x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype).requires_grad_()}
 
     return make
 
@@ -138,8 +149,45 @@ def channel_shuffle_cases() -> list[Case]:
                         torchfuse=_tf_cat_shuffle, eager=_eager_cat_shuffle,
                         grad_inputs=("x0", "x1"), bytes_fwd=2 * nbytes, bytes_bwd=2 * nbytes,
                         tags=dict(layout),
+def _tf_lrn(x):
+    return F.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
+
+
+def _eager_lrn(x):
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # torch's CPU LRN (avg_pool3d) has no float16/bfloat16 kernel: the
+        # user's workaround is a float32 round trip.
+        return TF.local_response_norm(x.float(), 5, 1e-4, 0.75, 2.0).to(x.dtype)
+    return TF.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
+
+
+def _tf_srn(x):
+    return F.spatial_response_norm(x, 3, 5e-5, 0.75, 1.0)
+
+
+def _eager_srn(x):
+    # torch has no within-channel LRN: the composite a user would write
+    # (zero pad, avg_pool2d of x^2, scale, pow, divide).
+    div = TF.avg_pool2d(TF.pad(x * x, (1, 1, 1, 1)), 3, stride=1)
+    return x / (1.0 + 5e-5 * div).pow(0.75)
+
+
+def lrn_cases() -> list[Case]:
+    cases = []
+    for op, tf, eager in (("local_response_norm", _tf_lrn, _eager_lrn),
+                          ("spatial_response_norm", _tf_srn, _eager_srn)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for N in LRN_BATCHES:
+                for label, C, HW in LRN_SHAPES:
+                    nbytes = N * C * HW * HW * _size(dtype)
+                    cases.append(Case(
+                        op=op, name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
+                        make_inputs=_lrn_inputs(N, C, HW), torchfuse=tf, eager=eager,
+                        grad_inputs=("x",),
+                        bytes_fwd=2 * nbytes,  # read x, write out
+                        bytes_bwd=3 * nbytes,  # read dy, x; write dx
                     ))
     return cases
 
 
-CASES: list[Case] = [*rms_norm_cases(), *channel_shuffle_cases()]
+CASES: list[Case] = [*rms_norm_cases(), *channel_shuffle_cases(), *lrn_cases()]

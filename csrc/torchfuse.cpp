@@ -37,6 +37,24 @@ TORCH_LIBRARY(torchfuse, m) {
   m.def(
       "cat_shuffle_backward(Tensor grad_out, int[] split_sizes, int groups) "
       "-> Tensor[]",
+
+  // --- Local / spatial response norm (csrc/lrn) ----------------------------
+  // Only input is saved; the backward recomputes the window sums.
+  m.def(
+      "local_response_norm(Tensor input, int size, float alpha, float beta, "
+      "float k) -> Tensor",
+      tags);
+  m.def(
+      "local_response_norm_backward(Tensor grad_out, Tensor input, int size, "
+      "float alpha, float beta, float k) -> Tensor",
+      tags);
+  m.def(
+      "spatial_response_norm(Tensor input, int size, float alpha, float beta, "
+      "float k) -> Tensor",
+      tags);
+  m.def(
+      "spatial_response_norm_backward(Tensor grad_out, Tensor input, int size, "
+      "float alpha, float beta, float k) -> Tensor",
       tags);
 }
 

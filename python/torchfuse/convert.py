@@ -15,6 +15,7 @@ from . import nn as tfnn
 CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module | None]] = {
     torch.nn.RMSNorm: tfnn.RMSNorm.from_torch,
     torch.nn.ChannelShuffle: tfnn.ChannelShuffle.from_torch,
+    torch.nn.LocalResponseNorm: tfnn.LocalResponseNorm.from_torch,
 }
 
 
@@ -22,10 +23,10 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """Returns ``module`` with every supported layer replaced by its torchfuse
     counterpart, sharing the same parameters and buffers.
 
-    Supported today: ``torch.nn.RMSNorm``, ``torch.nn.ChannelShuffle`` and
-    torchvision's ShuffleNetV2 ``InvertedResidual`` (cat + shuffle tail fused).
-    Outputs and gradients equal the original's within dtype tolerance and
-    ``state_dict()`` keys are unchanged.
+    Supported today: ``torch.nn.RMSNorm``, ``torch.nn.ChannelShuffle``,
+    ``torch.nn.LocalResponseNorm`` and torchvision's ShuffleNetV2
+    ``InvertedResidual`` (cat + shuffle tail fused). Outputs and gradients equal
+    the original's within dtype tolerance and ``state_dict()`` keys are unchanged.
     With ``inplace=False`` (default) the input module is left untouched and a
     converted deep copy is returned.
     """

@@ -15,7 +15,14 @@ from . import _validate as check
 from . import reference
 from ._ops import use_kernel
 
-__all__ = ["rms_norm", "add_rms_norm", "channel_shuffle", "cat_shuffle"]
+__all__ = [
+    "rms_norm",
+    "add_rms_norm",
+    "channel_shuffle",
+    "cat_shuffle",
+    "local_response_norm",
+    "spatial_response_norm",
+]
 
 
 def rms_norm(
@@ -113,3 +120,64 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     if not use_kernel("cat_shuffle", tensors[0].device):
         return reference.cat_shuffle(tensors, groups)
     return torch.ops.torchfuse.cat_shuffle(tensors, int(groups))
+def _response_norm_args(fn, input, size, alpha, beta, k):
+    check.tensor(input, fn, "input")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{fn}(): argument 'size' must be int, not {type(size).__name__}")
+    check.number(alpha, fn, "alpha")
+    check.number(beta, fn, "beta")
+    check.number(k, fn, "k")
+    check.floating(input, fn)
+
+
+def local_response_norm(
+    input: torch.Tensor,
+    size: int,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+) -> torch.Tensor:
+    """Local response normalization across channels.
+
+    ``out = input * (k + alpha / size * S) ** -beta`` with ``S`` the sum of
+    ``input**2`` over channels ``[c - size // 2, c + (size - 1) // 2]`` (zero
+    outside). Same contract as :func:`torch.nn.functional.local_response_norm`:
+    ``input (N, C, *)`` with 3 or more dims, any ``size >= 1`` (even sizes and
+    sizes larger than C included); a channels_last input gives a channels_last
+    output. Computed in float32 (float64 for float64 input) with running window
+    sums, so the cost does not depend on ``size``.
+    """
+    _response_norm_args("local_response_norm", input, size, alpha, beta, k)
+    if input.dim() < 3:
+        raise ValueError(
+            "local_response_norm: Expected 3D or higher dimensionality input "
+            f"(got {input.dim()} dimensions)"
+        )
+    if not use_kernel("local_response_norm", input.device):
+        return reference.local_response_norm(input, size, alpha, beta, k)
+    return torch.ops.torchfuse.local_response_norm(
+        input, size, float(alpha), float(beta), float(k))
+
+
+def spatial_response_norm(
+    input: torch.Tensor,
+    size: int,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+) -> torch.Tensor:
+    """Local response normalization within each channel (Caffe WITHIN_CHANNEL).
+
+    ``out = input * (k + alpha / size**2 * S) ** -beta`` with ``S`` the sum of
+    ``input**2`` over the ``size x size`` window of rows
+    ``h - (size - 1) // 2 .. h + size // 2`` and the same columns; positions
+    outside the image contribute zero. ``input (N, C, H, W)``.
+    """
+    _response_norm_args("spatial_response_norm", input, size, alpha, beta, k)
+    if input.dim() != 4:
+        raise ValueError(
+            f"spatial_response_norm: Expected 4D input (got {input.dim()} dimensions)")
+    if not use_kernel("spatial_response_norm", input.device):
+        return reference.spatial_response_norm(input, size, alpha, beta, k)
+    return torch.ops.torchfuse.spatial_response_norm(
+        input, size, float(alpha), float(beta), float(k))

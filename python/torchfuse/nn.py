@@ -13,7 +13,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["RMSNorm", "ChannelShuffle"]
+__all__ = ["RMSNorm", "ChannelShuffle", "LocalResponseNorm", "SpatialResponseNorm"]
 
 
 class _DropIn:
@@ -45,3 +45,26 @@ class ChannelShuffle(_DropIn, torch.nn.ChannelShuffle):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.channel_shuffle(input, self.groups)
+class LocalResponseNorm(_DropIn, torch.nn.LocalResponseNorm):
+    """:class:`torch.nn.LocalResponseNorm` computed by torchfuse's fused kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+
+class SpatialResponseNorm(torch.nn.Module):
+    """Within-channel local response norm (Caffe's WITHIN_CHANNEL LRN) over a
+    ``size x size`` window: see :func:`torchfuse.functional.spatial_response_norm`."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__()
+        self.size = size
+        self.alpha = alpha
+        self.beta = beta
+        self.k = k
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.spatial_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+    def extra_repr(self) -> str:
+        return "{size}, alpha={alpha}, beta={beta}, k={k}".format(**self.__dict__)

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["rms_norm", "add_rms_norm", "channel_shuffle", "cat_shuffle"]
+__all__ = [
+    "channel_shuffle",
+    "cat_shuffle",
+    "rms_norm",
+    "add_rms_norm",
+    "local_response_norm",
+    "spatial_response_norm",
+]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -59,3 +66,44 @@ def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:
 def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     """channel_shuffle(torch.cat(tensors, dim=1), groups)."""
     return channel_shuffle(torch.cat(list(tensors), dim=1), groups)
+def window_sum(t: torch.Tensor, dim: int, lo: int, hi: int) -> torch.Tensor:
+    """out[i] = sum of t[j] along `dim`, j in [i - lo, i + hi], zero outside."""
+    n = t.shape[dim]
+    shape = list(t.shape)
+    shape[dim] = lo
+    before = t.new_zeros(shape)
+    shape[dim] = hi
+    padded = torch.cat([before, t, t.new_zeros(shape)], dim)
+    out = padded.narrow(dim, 0, n)
+    for i in range(1, lo + hi + 1):
+        out = out + padded.narrow(dim, i, n)
+    return out
+
+
+def local_response_norm(
+    input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> torch.Tensor:
+    """out = input * (k + alpha / size * S) ** -beta, S the sum of input**2
+    over channels [c - size // 2, c + (size - 1) // 2] (zero outside)."""
+    if input.dim() < 3:
+        raise ValueError(
+            f"Expected 3D or higher dimensionality input (got {input.dim()} dimensions)"
+        )
+    x = input.to(_acc(input.dtype))
+    s = k + alpha / size * window_sum(x * x, 1, size // 2, (size - 1) // 2)
+    return (x * s.pow(-beta)).to(input.dtype)
+
+
+def spatial_response_norm(
+    input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> torch.Tensor:
+    """out = input * (k + alpha / size**2 * S) ** -beta, S the sum of input**2
+    over rows h - (size - 1) // 2 .. h + size // 2 and the same columns (zero
+    outside the image); input (N, C, H, W)."""
+    if input.dim() != 4:
+        raise ValueError(f"Expected 4D input (N, C, H, W) (got {input.dim()} dimensions)")
+    x = input.to(_acc(input.dtype))
+    lo, hi = (size - 1) // 2, size // 2
+    S = window_sum(window_sum(x * x, 2, lo, hi), 3, lo, hi)
+    s = k + alpha / (size * size) * S
+    return (x * s.pow(-beta)).to(input.dtype)

@@ -90,3 +90,4 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 from . import rms_norm  # noqa: E402,F401  (registrations)
 from . import channel_shuffle  # noqa: E402,F401,I001  (registrations)
+from . import lrn  # noqa: E402,F401  (registrations)

@@ -1,0 +1,243 @@
+// Local/spatial response norm CPU kernels (at::vec, at::parallel_for) and the
+// CPU registration. Checks and formulas: lrn.cpp / lrn.h.
+//
+// Work is split into tasks of one plane b and a tile of columns (the whole
+// row for the spatial op, whose window also runs along columns). A tile's
+// squares sit in a small scratch buffer (L1/L2) and the window sums over rows
+// are running sums, so the cost does not grow with `size`; every
+// max(16, size) rows the sum is re-anchored (summed afresh) so that rounding
+// drift of the running add/subtract stays bounded. Spatial column windows use
+// a float64 prefix sum per row. The backward recomputes S from x (only x is
+// saved), stores s^-beta and dy*y/s for the tile, and runs the reflected
+// window over the latter: x and dy are read from memory once, dx written once.
+#include "lrn.h"
+
+#include "../common/cpu_vec.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace torchfuse::lrn {
+
+namespace {
+
+using cpu::AccIO;
+using cpu::for_each_step;
+using cpu::VecIO;
+
+// s^-beta, with the common beta = 0.75 (AlexNet, GoogLeNet) by square roots.
+template <typename AVec>
+inline AVec inv_pow(const AVec& s, typename AVec::value_type beta) {
+  using A = typename AVec::value_type;
+  if (beta == A(0.75)) {
+    const AVec r = s.sqrt();
+    return (r * r.sqrt()).reciprocal();
+  }
+  if (beta == A(0.5)) return s.sqrt().reciprocal();
+  if (beta == A(1)) return s.reciprocal();
+  return s.pow(AVec(-beta));
+}
+
+// Running window sum over the R rows of q (m columns, row stride ld): calls
+// f(r, acc) with acc[j] = sum of q[i][j], i in [r - lo, r + hi] within [0, R).
+template <typename A, typename F>
+void window_rows(const A* q, int64_t R, int64_t ld, int64_t m, int64_t lo, int64_t hi,
+                 A* acc, const F& f) {
+  using AVec = at::vec::Vectorized<A>;
+  constexpr int64_t K = AVec::size();
+  const int64_t period = std::max<int64_t>(16, lo + hi + 1);
+  for (int64_t r = 0; r < R; ++r) {
+    if (r % period == 0) {
+      const int64_t i0 = std::max<int64_t>(0, r - lo), i1 = std::min(R - 1, r + hi);
+      for_each_step<K>(m, [&](int64_t j, int64_t c) {
+        AVec a(A(0));
+        for (int64_t i = i0; i <= i1; ++i) a = a + AVec::loadu(q + i * ld + j, c);
+        a.store(acc + j, c);
+      });
+    } else {
+      const bool add = r + hi < R, sub = r - lo - 1 >= 0;
+      const A* qa = q + (r + hi) * ld;
+      const A* qs = q + (r - lo - 1) * ld;
+      for_each_step<K>(m, [&](int64_t j, int64_t c) {
+        AVec a = AVec::loadu(acc + j, c);
+        if (add) a = a + AVec::loadu(qa + j, c);
+        if (sub) a = a - AVec::loadu(qs + j, c);
+        a.store(acc + j, c);
+      });
+    }
+    f(r, static_cast<const A*>(acc));
+  }
+}
+
+// Window sum along one row of W values: dst[w] = sum v[i], i in [w-lo, w+hi]
+// (float64 prefix sums; v and dst may not alias).
+template <typename A>
+void window_cols(const A* v, A* dst, int64_t W, int64_t lo, int64_t hi, double* prefix) {
+  prefix[0] = 0;
+  for (int64_t i = 0; i < W; ++i) prefix[i + 1] = prefix[i] + static_cast<double>(v[i]);
+  for (int64_t w = 0; w < W; ++w) {
+    dst[w] = static_cast<A>(prefix[std::min(W, w + hi + 1)] -
+                            prefix[std::max<int64_t>(0, w - lo)]);
+  }
+}
+
+template <typename T>
+struct Kernel {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using AVec = typename IO::AVec;
+  static constexpr int64_t S = IO::kStep;
+
+  const Params& p;
+  int64_t n = 0;      // tile width (columns), also the scratch row stride
+  int64_t tiles = 0;  // tiles per plane
+
+  explicit Kernel(const Params& p_) : p(p_) {
+    if (p.cols) {
+      n = p.W;
+    } else {
+      const int64_t want = (8192 / std::max<int64_t>(p.R, 1) + S - 1) / S * S;
+      n = std::min(p.W, std::max<int64_t>(S, want));
+    }
+    tiles = (p.W + n - 1) / n;
+  }
+
+  // q[r][j] = x[r][w0 + j]^2, or (spatial) its column-window sum; tmp: n.
+  void squares(const T* x, int64_t w0, int64_t m, A* q, A* tmp, double* prefix) const {
+    for (int64_t r = 0; r < p.R; ++r) {
+      const T* xr = x + r * p.W + w0;
+      A* qr = p.cols ? tmp : q + r * n;
+      for_each_step<S>(m, [&](int64_t j, int64_t c) {
+        AVec a, b;
+        IO::load(xr + j, c, a, b);
+        AccIO<A>::store(qr + j, a * a, b * b, c);
+      });
+      if (p.cols) window_cols(tmp, q + r * n, m, p.lo, p.hi, prefix);
+    }
+  }
+
+  // f(b, w0, m, scratch, prefix) over every (plane, tile); `rows` scratch
+  // rows of n accumulate-type values per task, plus two more rows.
+  template <typename F>
+  void for_tasks(int64_t rows, const F& f) const {
+    const int64_t tasks = p.B * tiles;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.R * n));
+    at::parallel_for(0, tasks, grain, [&](int64_t tb, int64_t te) {
+      std::vector<A> scratch((rows * p.R + 2) * n);
+      std::vector<double> prefix(p.cols ? n + 1 : 0);
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t b = t / tiles, w0 = (t % tiles) * n;
+        f(b, w0, std::min(n, p.W - w0), scratch.data(), prefix.data());
+      }
+    });
+  }
+
+  void forward() const {
+    const T* x = p.x.const_data_ptr<T>();
+    T* out = p.out.mutable_data_ptr<T>();
+    const AVec va(static_cast<A>(p.alpha_n)), vk(static_cast<A>(p.k)), zero(A(0));
+    const A beta = static_cast<A>(p.beta);
+    for_tasks(1, [&](int64_t b, int64_t w0, int64_t m, A* scratch, double* prefix) {
+      const T* xb = x + b * p.R * p.W + w0;
+      T* ob = out + b * p.R * p.W + w0;
+      A* q = scratch;                    // R x n
+      A* acc = scratch + p.R * n;        // n
+      A* tmp = acc + n;                  // n
+      squares(xb - w0, w0, m, q, tmp, prefix);
+      window_rows(q, p.R, n, m, p.lo, p.hi, acc, [&](int64_t r, const A* s) {
+        const T* xr = xb + r * p.W;
+        T* orow = ob + r * p.W;
+        for_each_step<S>(m, [&](int64_t j, int64_t c) {
+          AVec x0, x1, s0, s1;
+          IO::load(xr + j, c, x0, x1);
+          AccIO<A>::load(s + j, c, s0, s1);
+          s0 = at::vec::fmadd(va, at::vec::maximum(s0, zero), vk);
+          s1 = at::vec::fmadd(va, at::vec::maximum(s1, zero), vk);
+          IO::store(orow + j, x0 * inv_pow(s0, beta), x1 * inv_pow(s1, beta), c);
+        });
+      });
+    });
+  }
+
+  void backward() const {
+    const T* x = p.x.const_data_ptr<T>();
+    const T* dy = p.dy.const_data_ptr<T>();
+    T* dx = p.out.mutable_data_ptr<T>();
+    const AVec va(static_cast<A>(p.alpha_n)), vk(static_cast<A>(p.k)), zero(A(0));
+    const A beta = static_cast<A>(p.beta);
+    const AVec coef(static_cast<A>(2 * p.alpha_n * p.beta));
+    for_tasks(3, [&](int64_t b, int64_t w0, int64_t m, A* scratch, double* prefix) {
+      const int64_t off = b * p.R * p.W + w0;
+      A* q = scratch;              // R x n: squares, then the t window source
+      A* rb = q + p.R * n;         // R x n: s^-beta
+      A* tb = rb + p.R * n;        // R x n: t = dy * y / s
+      A* acc = tb + p.R * n;       // n
+      A* tmp = acc + n;            // n
+      squares(x + off - w0, w0, m, q, tmp, prefix);
+      window_rows(q, p.R, n, m, p.lo, p.hi, acc, [&](int64_t r, const A* s) {
+        const T* xr = x + off + r * p.W;
+        const T* dr = dy + off + r * p.W;
+        for_each_step<S>(m, [&](int64_t j, int64_t c) {
+          AVec x0, x1, d0, d1, s0, s1;
+          IO::load(xr + j, c, x0, x1);
+          IO::load(dr + j, c, d0, d1);
+          AccIO<A>::load(s + j, c, s0, s1);
+          s0 = at::vec::fmadd(va, at::vec::maximum(s0, zero), vk);
+          s1 = at::vec::fmadd(va, at::vec::maximum(s1, zero), vk);
+          const AVec r0 = inv_pow(s0, beta), r1 = inv_pow(s1, beta);
+          AccIO<A>::store(rb + r * n + j, r0, r1, c);
+          AccIO<A>::store(tb + r * n + j, d0 * x0 * r0 / s0, d1 * x1 * r1 / s1, c);
+        });
+      });
+      const A* src = tb;
+      if (p.cols) {
+        for (int64_t r = 0; r < p.R; ++r) {
+          window_cols(tb + r * n, q + r * n, m, p.hi, p.lo, prefix);
+        }
+        src = q;
+      }
+      // reflected window: rows [r - hi, r + lo]
+      window_rows(src, p.R, n, m, p.hi, p.lo, acc, [&](int64_t r, const A* u) {
+        const T* xr = x + off + r * p.W;
+        const T* dr = dy + off + r * p.W;
+        T* gr = dx + off + r * p.W;
+        const A* rr = rb + r * n;
+        for_each_step<S>(m, [&](int64_t j, int64_t c) {
+          AVec x0, x1, d0, d1, r0, r1, u0, u1;
+          IO::load(xr + j, c, x0, x1);
+          IO::load(dr + j, c, d0, d1);
+          AccIO<A>::load(rr + j, c, r0, r1);
+          AccIO<A>::load(u + j, c, u0, u1);
+          IO::store(gr + j, d0 * r0 - coef * x0 * u0, d1 * r1 - coef * x1 * u1, c);
+        });
+      });
+    });
+  }
+};
+
+void fwd_cpu(const Params& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "response_norm_cpu", [&] { Kernel<scalar_t>(p).forward(); });
+}
+
+void bwd_cpu(const Params& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "response_norm_backward_cpu",
+                                  [&] { Kernel<scalar_t>(p).backward(); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
+  m.impl("local_response_norm", &lrn_op<fwd_cpu>);
+  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cpu>);
+  m.impl("spatial_response_norm", &srn_op<fwd_cpu>);
+  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cpu>);
+}
+
+}  // namespace torchfuse::lrn

@@ -1,0 +1,304 @@
+// Local/spatial response norm CUDA kernels and the CUDA registration. Checks
+// and formulas: lrn.cpp / lrn.h.
+//
+// x is viewed as (B, R, W). A thread owns one column w of one plane b and a
+// chunk of consecutive rows, and walks them with a running window sum
+// (re-anchored, i.e. summed afresh, at the chunk start and every
+// max(16, size) rows to bound rounding drift); threads of a warp own
+// consecutive columns, so every row access is coalesced. Rows are split into
+// chunks only as far as needed to give the GPU enough threads (batch 1).
+// The spatial op first sums x^2 (and, in the backward, dy*y/s) along columns
+// into a float32 buffer, one thread per chunk of a row.
+//
+// Backward: kernel 1 recomputes s and writes t = dy * y / s (float32
+// buffer); kernel 2 runs the reflected window over t and recomputes s^-beta:
+//   dx = dy * s^-beta - 2 alpha_n beta * x * sum_reflected(t).
+// No atomics: every output element is written by one thread, in a fixed order.
+#include "lrn.h"
+
+#include "../common/cuda_utils.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
+#include <torch/library.h>
+
+namespace torchfuse::lrn {
+namespace {
+
+using namespace torchfuse::cuda;
+
+constexpr int kThreads = 256;
+
+template <typename A>
+__device__ __forceinline__ A inv_pow(A s, A beta) {
+  if (beta == A(0.75)) {
+    const A r = ::sqrt(s);
+    return A(1) / (r * ::sqrt(r));
+  }
+  if (beta == A(0.5)) return A(1) / ::sqrt(s);
+  if (beta == A(1)) return A(1) / s;
+  return ::pow(s, -beta);
+}
+
+// Calls put(i, sum of get(j), j in [i - lo, i + hi] within [0, n)) for i in
+// [i0, i1), with a running sum re-anchored every `period` steps.
+template <typename A, typename Get, typename Put>
+__device__ __forceinline__ void run_window(int64_t i0, int64_t i1, int64_t n, int64_t lo,
+                                           int64_t hi, int64_t period, const Get& get,
+                                           const Put& put) {
+  A acc = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i == i0 || (i - i0) % period == 0) {
+      acc = 0;
+      const int64_t j0 = i - lo > 0 ? i - lo : 0;
+      const int64_t j1 = i + hi < n - 1 ? i + hi : n - 1;
+      for (int64_t j = j0; j <= j1; ++j) acc += get(j);
+    } else {
+      if (i + hi < n) acc += get(i + hi);
+      if (i - lo - 1 >= 0) acc -= get(i - lo - 1);
+    }
+    put(i, acc);
+  }
+}
+
+struct Geo {
+  int64_t B, R, W;
+  int64_t lo, hi, period;
+  int64_t chunk, nchunks;  // rows per thread, chunks per column
+};
+
+// Thread -> (b, chunk, w); false when out of range.
+__device__ __forceinline__ bool locate(const Geo& g, int64_t& b, int64_t& r0, int64_t& r1,
+                                       int64_t& w) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= g.B * g.nchunks * g.W) return false;
+  w = idx % g.W;
+  const int64_t rest = idx / g.W;
+  const int64_t c = rest % g.nchunks;
+  b = rest / g.nchunks;
+  r0 = c * g.chunk;
+  r1 = r0 + g.chunk < g.R ? r0 + g.chunk : g.R;
+  return true;
+}
+
+// Source of the window over rows: x^2 (across channels), or q, x^2 already
+// summed along columns (spatial).
+template <typename T, typename A>
+__device__ __forceinline__ A sq_at(const T* x, const A* q, int64_t off) {
+  if (q != nullptr) return q[off];
+  const A v = static_cast<A>(x[off]);
+  return v * v;
+}
+
+template <typename T>
+__global__ void fwd_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ q,
+                           T* __restrict__ out, Geo g, at::opmath_type<T> alpha_n,
+                           at::opmath_type<T> beta, at::opmath_type<T> k) {
+  using A = at::opmath_type<T>;
+  int64_t b, r0, r1, w;
+  if (!locate(g, b, r0, r1, w)) return;
+  const int64_t base = b * g.R * g.W + w;
+  run_window<A>(
+      r0, r1, g.R, g.lo, g.hi, g.period,
+      [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
+      [&](int64_t i, A S) {
+        const int64_t off = base + i * g.W;
+        const A s = k + alpha_n * (S > A(0) ? S : A(0));
+        out[off] = static_cast<T>(static_cast<A>(x[off]) * inv_pow(s, beta));
+      });
+}
+
+// t = dy * x * s^-beta / s
+template <typename T>
+__global__ void bwd_t_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                             const at::opmath_type<T>* __restrict__ q,
+                             at::opmath_type<T>* __restrict__ t, Geo g,
+                             at::opmath_type<T> alpha_n, at::opmath_type<T> beta,
+                             at::opmath_type<T> k) {
+  using A = at::opmath_type<T>;
+  int64_t b, r0, r1, w;
+  if (!locate(g, b, r0, r1, w)) return;
+  const int64_t base = b * g.R * g.W + w;
+  run_window<A>(
+      r0, r1, g.R, g.lo, g.hi, g.period,
+      [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
+      [&](int64_t i, A S) {
+        const int64_t off = base + i * g.W;
+        const A s = k + alpha_n * (S > A(0) ? S : A(0));
+        t[off] = static_cast<A>(dy[off]) * static_cast<A>(x[off]) * inv_pow(s, beta) / s;
+      });
+}
+
+// dx = dy * s^-beta - coef * x * U, U the reflected window sum of u (= t, or
+// t summed along columns); s recomputed from x (or q).
+template <typename T>
+__global__ void bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                              const at::opmath_type<T>* __restrict__ q,
+                              const at::opmath_type<T>* __restrict__ u, T* __restrict__ dx,
+                              Geo g, at::opmath_type<T> alpha_n, at::opmath_type<T> beta,
+                              at::opmath_type<T> k, at::opmath_type<T> coef) {
+  using A = at::opmath_type<T>;
+  int64_t b, r0, r1, w;
+  if (!locate(g, b, r0, r1, w)) return;
+  const int64_t base = b * g.R * g.W + w;
+  // The two window sums advance in lock-step, row by row.
+  A accS = 0, accU = 0;
+  for (int64_t i = r0; i < r1; ++i) {
+    if (i == r0 || (i - r0) % g.period == 0) {
+      accS = 0;
+      accU = 0;
+      for (int64_t j = (i - g.lo > 0 ? i - g.lo : 0); j <= (i + g.hi < g.R ? i + g.hi : g.R - 1);
+           ++j) {
+        accS += sq_at<T, A>(x, q, base + j * g.W);
+      }
+      for (int64_t j = (i - g.hi > 0 ? i - g.hi : 0); j <= (i + g.lo < g.R ? i + g.lo : g.R - 1);
+           ++j) {
+        accU += u[base + j * g.W];
+      }
+    } else {
+      if (i + g.hi < g.R) accS += sq_at<T, A>(x, q, base + (i + g.hi) * g.W);
+      if (i - g.lo - 1 >= 0) accS -= sq_at<T, A>(x, q, base + (i - g.lo - 1) * g.W);
+      if (i + g.lo < g.R) accU += u[base + (i + g.lo) * g.W];
+      if (i - g.hi - 1 >= 0) accU -= u[base + (i - g.hi - 1) * g.W];
+    }
+    const int64_t off = base + i * g.W;
+    const A s = k + alpha_n * (accS > A(0) ? accS : A(0));
+    const A xv = static_cast<A>(x[off]);
+    dx[off] = static_cast<T>(static_cast<A>(dy[off]) * inv_pow(s, beta) - coef * xv * accU);
+  }
+}
+
+// Column windows (spatial): dst[row][w] = sum of v(row, j), j in
+// [w - lo, w + hi]; v = x^2 (x given) or src. One thread per chunk of a row.
+template <typename T>
+__global__ void cols_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ src,
+                            at::opmath_type<T>* __restrict__ dst, int64_t rows, int64_t W,
+                            int64_t lo, int64_t hi, int64_t period, int64_t chunk,
+                            int64_t nchunks) {
+  using A = at::opmath_type<T>;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * nchunks) return;
+  const int64_t row = idx / nchunks, c = idx % nchunks;
+  const int64_t w0 = c * chunk, w1 = w0 + chunk < W ? w0 + chunk : W;
+  const int64_t base = row * W;
+  run_window<A>(
+      w0, w1, W, lo, hi, period,
+      [&](int64_t j) {
+        if (src != nullptr) return src[base + j];
+        const A v = static_cast<A>(x[base + j]);
+        return v * v;
+      },
+      [&](int64_t i, A S) { dst[base + i] = S; });
+}
+
+// ------------------------------------------------------------------ launch
+Geo make_geo(const Params& p, int64_t lo, int64_t hi) {
+  Geo g;
+  g.B = p.B;
+  g.R = p.R;
+  g.W = p.W;
+  g.lo = lo;
+  g.hi = hi;
+  g.period = std::max<int64_t>(16, p.lo + p.hi + 1);
+  // Split rows only as far as needed to fill the GPU; a chunk is at least as
+  // long as the window so re-anchoring costs at most one extra read per row.
+  const int64_t want = static_cast<int64_t>(num_sms()) * 2048;
+  const int64_t columns = std::max<int64_t>(1, p.B * p.W);
+  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(p.R, ceil_div(want, columns)));
+  g.chunk = std::max<int64_t>({ceil_div(p.R, split), p.lo + p.hi + 1, int64_t{8}});
+  g.chunk = std::min<int64_t>(g.chunk, p.R);
+  g.nchunks = ceil_div(p.R, g.chunk);
+  return g;
+}
+
+int64_t blocks_for(int64_t threads) {
+  return ceil_div(threads, kThreads);
+}
+
+template <typename T>
+void cols_launch(const Params& p, const T* x, const at::opmath_type<T>* src,
+                 at::opmath_type<T>* dst, int64_t lo, int64_t hi) {
+  const int64_t rows = p.B * p.R;
+  const int64_t size = p.lo + p.hi + 1;
+  const int64_t chunk = std::min<int64_t>(p.W, std::max<int64_t>(32, size));
+  const int64_t nchunks = ceil_div(p.W, chunk);
+  cols_kernel<T><<<blocks_for(rows * nchunks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      x, src, dst, rows, p.W, lo, hi, std::max<int64_t>(16, size), chunk, nchunks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void fwd_launch(const Params& p) {
+  using A = at::opmath_type<T>;
+  const T* x = p.x.const_data_ptr<T>();
+  at::Tensor qbuf;
+  const A* q = nullptr;
+  if (p.cols) {
+    qbuf = at::empty(p.x.sizes(), p.x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    cols_launch<T>(p, x, nullptr, qbuf.mutable_data_ptr<A>(), p.lo, p.hi);
+    q = qbuf.const_data_ptr<A>();
+  }
+  const Geo g = make_geo(p, p.lo, p.hi);
+  fwd_kernel<T><<<blocks_for(g.B * g.nchunks * g.W), kThreads, 0,
+                  at::cuda::getCurrentCUDAStream()>>>(
+      x, q, p.out.mutable_data_ptr<T>(), g, static_cast<A>(p.alpha_n), static_cast<A>(p.beta),
+      static_cast<A>(p.k));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void bwd_launch(const Params& p) {
+  using A = at::opmath_type<T>;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto acc_opts = p.x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const T* x = p.x.const_data_ptr<T>();
+  const T* dy = p.dy.const_data_ptr<T>();
+  at::Tensor qbuf;
+  const A* q = nullptr;
+  if (p.cols) {
+    qbuf = at::empty(p.x.sizes(), acc_opts);
+    cols_launch<T>(p, x, nullptr, qbuf.mutable_data_ptr<A>(), p.lo, p.hi);
+    q = qbuf.const_data_ptr<A>();
+  }
+  const A alpha_n = static_cast<A>(p.alpha_n), beta = static_cast<A>(p.beta),
+          k = static_cast<A>(p.k);
+  at::Tensor tbuf = at::empty(p.x.sizes(), acc_opts);
+  const Geo g = make_geo(p, p.lo, p.hi);
+  const int64_t blocks = blocks_for(g.B * g.nchunks * g.W);
+  bwd_t_kernel<T><<<blocks, kThreads, 0, stream>>>(x, dy, q, tbuf.mutable_data_ptr<A>(), g,
+                                                   alpha_n, beta, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor ubuf = tbuf;
+  if (p.cols) {  // reflected column window of t
+    ubuf = at::empty(p.x.sizes(), acc_opts);
+    cols_launch<T>(p, nullptr, tbuf.const_data_ptr<A>(), ubuf.mutable_data_ptr<A>(), p.hi,
+                   p.lo);
+  }
+  bwd_dx_kernel<T><<<blocks, kThreads, 0, stream>>>(
+      x, dy, q, ubuf.const_data_ptr<A>(), p.out.mutable_data_ptr<T>(), g, alpha_n, beta, k,
+      static_cast<A>(2 * p.alpha_n * p.beta));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fwd_cuda(const Params& p) {
+  const c10::cuda::CUDAGuard guard(p.x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "response_norm_cuda", [&] { fwd_launch<scalar_t>(p); });
+}
+
+void bwd_cuda(const Params& p) {
+  const c10::cuda::CUDAGuard guard(p.x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "response_norm_backward_cuda", [&] { bwd_launch<scalar_t>(p); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
+  m.impl("local_response_norm", &lrn_op<fwd_cuda>);
+  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cuda>);
+  m.impl("spatial_response_norm", &srn_op<fwd_cuda>);
+  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cuda>);
+}
+
+}  // namespace torchfuse::lrn
