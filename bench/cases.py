@@ -104,6 +104,20 @@ def _lrn_inputs(N, C, HW):
     def make(device, dtype):
         g = torch.Generator(device="cpu").manual_seed(0)
         return {"x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype).requires_grad_()}
+# --------------------------------------------------- L2 / cosine normalization
+# SSD300's conv4_3 L2Norm (N x 512 x 38 x 38, scale 20), embedding
+# normalization along the last dim, and a cosine classifier head.
+SSD_BATCHES = (1, 8, 32)
+
+
+def _l2_inputs(shape, weight_len):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        d = {"x": torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()}
+        if weight_len:
+            d["weight"] = (20 + torch.randn(weight_len, generator=g)).to(device, dtype)
+            d["weight"].requires_grad_()
+        return d
 
     return make
 
@@ -190,4 +204,75 @@ def lrn_cases() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = [*rms_norm_cases(), *channel_shuffle_cases(), *lrn_cases()]
+def _tf_l2(x, weight):
+    return F.l2_norm(x, weight, 1)
+
+
+def _eager_l2(x, weight):  # torchvision's SSD: scale_weight.view(1, -1, 1, 1) * normalize(x)
+    return weight.view(1, -1, 1, 1) * TF.normalize(x)
+
+
+def _tf_normalize(x):
+    return F.normalize(x, dim=-1)
+
+
+def _eager_normalize(x):
+    return TF.normalize(x, dim=-1)
+
+
+def _cos_inputs(M, K, N_OUT):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return {
+            "x": torch.randn(M, K, generator=g).to(device, dtype).requires_grad_(),
+            "weight": torch.randn(N_OUT, K, generator=g).to(device, dtype).requires_grad_(),
+        }
+
+    return make
+
+
+def _tf_cos(x, weight):
+    return F.cosine_linear(x, weight, None, 1e-8)
+
+
+def _eager_cos(x, weight):
+    return TF.linear(TF.normalize(x, dim=-1, eps=1e-8), TF.normalize(weight, dim=1, eps=1e-8))
+
+
+def l2_norm_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in SSD_BATCHES:
+            nb = n * 512 * 38 * 38 * _size(dtype)
+            cases.append(Case(
+                op="l2_norm", name=f"ssd-conv4_3 {n}x512x38x38", dtype=dtype,
+                make_inputs=_l2_inputs((n, 512, 38, 38), 512),
+                torchfuse=_tf_l2, eager=_eager_l2, grad_inputs=("x", "weight"),
+                bytes_fwd=2 * nb, bytes_bwd=3 * nb,  # read x, write out | read dy, x; write dx
+            ))
+        nb = 65536 * 768 * _size(dtype)
+        cases.append(Case(
+            op="normalize", name="embeddings 65536x768 dim=-1", dtype=dtype,
+            make_inputs=_l2_inputs((65536, 768), 0),
+            torchfuse=_tf_normalize, eager=_eager_normalize, grad_inputs=("x",),
+            bytes_fwd=2 * nb, bytes_bwd=3 * nb,
+        ))
+    M, K, N_OUT = 256, 512, 10000
+    sz = _size(torch.float32)
+    cases.append(Case(
+        op="cosine_linear", name=f"classifier {M}x{K}->{N_OUT}", dtype=torch.float32,
+        make_inputs=_cos_inputs(M, K, N_OUT),
+        torchfuse=_tf_cos, eager=_eager_cos, grad_inputs=("x", "weight"),
+        # fwd: read x, w; write out. bwd: read dy, x, w; write dx, dw (GEMM-bound)
+        bytes_fwd=(M * K + N_OUT * K + M * N_OUT) * sz,
+        bytes_bwd=(M * N_OUT + 2 * (M * K + N_OUT * K)) * sz,
+    ))
+    return cases
+
+
+CASES: list[Case] = [
+    *rms_norm_cases(),
+    *channel_shuffle_cases(),
+    *lrn_cases(),
+    *l2_norm_cases(),
+]

@@ -37,6 +37,7 @@ TORCH_LIBRARY(torchfuse, m) {
   m.def(
       "cat_shuffle_backward(Tensor grad_out, int[] split_sizes, int groups) "
       "-> Tensor[]",
+      tags);
 
   // --- Local / spatial response norm (csrc/lrn) ----------------------------
   // Only input is saved; the backward recomputes the window sums.
@@ -55,6 +56,34 @@ TORCH_LIBRARY(torchfuse, m) {
   m.def(
       "spatial_response_norm_backward(Tensor grad_out, Tensor input, int size, "
       "float alpha, float beta, float k) -> Tensor",
+      tags);
+
+  // --- L2 normalization, cosine_linear (csrc/l2_norm) -----------------------
+  // out = input / max(norm, eps) * weight (broadcast along dim); norm is the
+  // unclamped 2-norm along dim: input's shape without dim, in float32
+  // (float64 for float64 input). weight may be of any floating dtype.
+  m.def(
+      "l2_norm(Tensor input, Tensor? weight, int dim, float eps) "
+      "-> (Tensor out, Tensor norm)",
+      tags);
+  // grad_weight is an empty tensor unless weight_grad is true.
+  m.def(
+      "l2_norm_backward(Tensor grad_out, Tensor input, Tensor norm, "
+      "Tensor? weight, int dim, float eps, bool weight_grad) "
+      "-> (Tensor grad_input, Tensor grad_weight)",
+      tags);
+  // out = (input @ weight.T) / max(|input_i|, eps) / max(|weight_j|, eps) + bias;
+  // input_norm (input.shape[:-1]) and weight_norm (out_features): unclamped
+  // row norms in the accumulate type.
+  m.def(
+      "cosine_linear(Tensor input, Tensor weight, Tensor? bias, float eps) "
+      "-> (Tensor out, Tensor input_norm, Tensor weight_norm)",
+      tags);
+  // grad_bias is an empty tensor unless bias_grad is true.
+  m.def(
+      "cosine_linear_backward(Tensor grad_out, Tensor input, Tensor weight, "
+      "Tensor input_norm, Tensor weight_norm, float eps, bool bias_grad) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
 }
 

@@ -17,48 +17,14 @@ namespace torchfuse::rms_norm {
 namespace {
 
 using cpu::AccIO;
+using cpu::dot;
+using cpu::reduce_sum;
 using cpu::for_each_step;
 using cpu::VecIO;
 
 // Rows handled per parallel task: about 32K elements of work each.
 int64_t row_grain(int64_t N) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(N, 1));
-}
-
-template <typename AVec>
-inline auto reduce_sum(const AVec& v) {
-  using A = typename AVec::value_type;
-  return at::vec::vec_reduce_all<A>([](AVec& u, AVec& w) { return u + w; }, v);
-}
-
-// sum(a[j] * b[j]) over n elements (a == b for a sum of squares), with four
-// independent accumulators (which also shortens float32 rounding chains).
-template <typename T>
-at::opmath_type<T> dot(const T* a, const T* b, int64_t n) {
-  using IO = VecIO<T>;
-  using AVec = typename IO::AVec;
-  constexpr int64_t S = IO::kStep;
-  AVec s0(0), s1(0), s2(0), s3(0);
-  int64_t j = 0;
-  for (; j + 2 * S <= n; j += 2 * S) {
-    AVec a0, a1, a2, a3, b0, b1, b2, b3;
-    IO::load(a + j, a0, a1);
-    IO::load(a + j + S, a2, a3);
-    IO::load(b + j, b0, b1);
-    IO::load(b + j + S, b2, b3);
-    s0 = at::vec::fmadd(a0, b0, s0);
-    s1 = at::vec::fmadd(a1, b1, s1);
-    s2 = at::vec::fmadd(a2, b2, s2);
-    s3 = at::vec::fmadd(a3, b3, s3);
-  }
-  for_each_step<S>(n - j, [&](int64_t k, int64_t c) {
-    AVec a0, a1, b0, b1;
-    IO::load(a + j + k, c, a0, a1);
-    IO::load(b + j + k, c, b0, b1);
-    s0 = at::vec::fmadd(a0, b0, s0);
-    s1 = at::vec::fmadd(a1, b1, s1);
-  });
-  return reduce_sum((s0 + s1) + (s2 + s3));
 }
 
 template <typename T>

@@ -52,12 +52,12 @@ def floating(t: torch.Tensor, fn: str, arg: str = "input") -> None:
         raise NotImplementedError(f"{fn}: \"{arg}\" not implemented for '{t.dtype}'")
 
 
-def integer(value, fn: str, arg: str, position: int) -> None:
+def integer(value, fn: str, arg: str, position: int | None = None) -> None:
     """An int argument (bool and float rejected), as torch's parser does."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        where = f" (position {position})" if position is not None else ""
         raise TypeError(
-            f"{fn}(): argument '{arg}' (position {position}) must be int, "
-            f"not {type(value).__name__}"
+            f"{fn}(): argument '{arg}'{where} must be int, not {type(value).__name__}"
         )
 
 

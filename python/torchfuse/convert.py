@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -24,11 +25,13 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     counterpart, sharing the same parameters and buffers.
 
     Supported today: ``torch.nn.RMSNorm``, ``torch.nn.ChannelShuffle``,
-    ``torch.nn.LocalResponseNorm`` and torchvision's ShuffleNetV2
-    ``InvertedResidual`` (cat + shuffle tail fused). Outputs and gradients equal
-    the original's within dtype tolerance and ``state_dict()`` keys are unchanged.
-    With ``inplace=False`` (default) the input module is left untouched and a
-    converted deep copy is returned.
+    ``torch.nn.LocalResponseNorm``; torchvision's ShuffleNetV2
+    ``InvertedResidual`` (cat + shuffle tail fused into ``cat_shuffle``) and SSD
+    VGG L2 scale (``SSDFeatureExtractorVGG``: ``F.normalize(x) * scale_weight``
+    becomes one fused ``l2_norm`` with the same parameter). Outputs and
+    gradients equal the original's within dtype tolerance and ``state_dict()``
+    keys are unchanged. With ``inplace=False`` (default) the input module is
+    left untouched and a converted deep copy is returned.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"convert(): argument 'module' must be Module, not {type(module).__name__}")
@@ -53,7 +56,7 @@ def _replace(module: torch.nn.Module) -> torch.nn.Module | None:
 # ----------------------------------------------------- optional (torchvision)
 # Converters for third-party classes, added only once their module has been
 # imported (a model holding one has imported it): torchfuse never imports
-# torchvision itself.
+# torchvision itself. (module name, class name) -> make(cls) -> converter.
 OPTIONAL_CONVERTERS: dict[tuple[str, str], Callable[[type], Callable]] = {}
 
 
@@ -64,10 +67,27 @@ def _register_optional() -> None:
             CONVERTERS[cls] = make(cls)
 
 
+def _as_subclass(cls: type) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A converter to `cls` (a subclass of the module's class overriding
+    forward): same __dict__, so same parameters, buffers and state_dict keys;
+    its children are converted too."""
+
+    def convert_module(module: torch.nn.Module) -> torch.nn.Module:
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new._modules = dict(module._modules)
+        for name, child in list(new.named_children()):
+            replaced = _replace(child)
+            if replaced is not None:
+                setattr(new, name, replaced)
+        return new
+
+    return convert_module
+
+
 def _shufflenet_v2_unit(base: type) -> Callable:
     """torchvision's ShuffleNetV2 InvertedResidual with its torch.cat +
-    channel_shuffle(out, 2) tail fused into one cat_shuffle pass. Same
-    submodules, so the same state_dict keys."""
+    channel_shuffle(out, 2) tail fused into one cat_shuffle pass."""
     from .functional import cat_shuffle
 
     def forward(self, x):
@@ -76,19 +96,24 @@ def _shufflenet_v2_unit(base: type) -> Callable:
             return cat_shuffle([x1, self.branch2(x2)], 2)
         return cat_shuffle([self.branch1(x), self.branch2(x)], 2)
 
-    cls = type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
+    return _as_subclass(type(base.__name__, (base,), {"forward": forward, "__module__": __name__}))
 
-    def convert_unit(module):
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        new._modules = dict(module._modules)
-        for name, child in list(new.named_children()):  # its branches too
-            replaced = _replace(child)
-            if replaced is not None:
-                setattr(new, name, replaced)
-        return new
 
-    return convert_unit
+def _ssd_vgg(base: type) -> Callable:
+    """torchvision's SSD VGG feature extractor with its conv4_3 L2
+    normalization + rescale as one fused l2_norm (same scale_weight)."""
+    from .functional import l2_norm
+
+    def forward(self, x: torch.Tensor):
+        x = self.features(x)
+        output = [l2_norm(x, self.scale_weight, 1, 1e-12)]
+        for block in self.extra:
+            x = block(x)
+            output.append(x)
+        return OrderedDict([(str(i), v) for i, v in enumerate(output)])
+
+    return _as_subclass(type(base.__name__, (base,), {"forward": forward, "__module__": __name__}))
 
 
 OPTIONAL_CONVERTERS[("torchvision.models.shufflenetv2", "InvertedResidual")] = _shufflenet_v2_unit
+OPTIONAL_CONVERTERS[("torchvision.models.detection.ssd", "SSDFeatureExtractorVGG")] = _ssd_vgg

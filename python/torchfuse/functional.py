@@ -22,6 +22,9 @@ __all__ = [
     "cat_shuffle",
     "local_response_norm",
     "spatial_response_norm",
+    "l2_norm",
+    "normalize",
+    "cosine_linear",
 ]
 
 
@@ -181,3 +184,79 @@ def spatial_response_norm(
         return reference.spatial_response_norm(input, size, alpha, beta, k)
     return torch.ops.torchfuse.spatial_response_norm(
         input, size, float(alpha), float(beta), float(k))
+def l2_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    dim: int = 1,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """SSD-style L2 scale normalization along ``dim``, in one fused pass.
+
+    ``out = input / max(||input||_2, eps) * weight``, the norm taken along
+    ``dim`` and ``weight`` of shape ``(input.size(dim),)`` broadcast along
+    ``dim`` (or None). Same eps semantics as
+    :func:`torch.nn.functional.normalize`: the norm is clamped to at least
+    ``eps``, so a zero vector gives zeros (never NaN) in every dtype. The norm
+    is computed in float32 (float64 for float64 input); the output has the
+    input's dtype, shape and (for contiguous or channels_last input) memory
+    format. The weight gradient is deterministic.
+    """
+    check.tensor(input, "l2_norm", "input")
+    check.tensor(weight, "l2_norm", "weight", optional=True)
+    check.integer(dim, "l2_norm", "dim")
+    check.number(eps, "l2_norm", "eps")
+    check.floating(input, "l2_norm")
+    if not use_kernel("l2_norm", input.device):
+        return reference.l2_norm(input, weight, dim, eps)
+    return torch.ops.torchfuse.l2_norm(input, weight, dim, float(eps))[0]
+
+
+def normalize(
+    input: torch.Tensor,
+    p: float = 2.0,
+    dim: int = 1,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.normalize`:
+    ``input / max(||input||_p, eps)`` along ``dim``.
+
+    ``p=2`` runs the fused :func:`l2_norm` kernel (norm in float32, so a zero
+    vector gives zeros even in float16, where torch's ``eps=1e-12`` rounds to
+    zero); any other ``p`` calls torch's implementation.
+    """
+    check.tensor(input, "normalize", "input")
+    check.number(p, "normalize", "p")
+    check.integer(dim, "normalize", "dim")
+    check.number(eps, "normalize", "eps")
+    if p != 2:
+        return torch.nn.functional.normalize(input, p, dim, eps)
+    check.floating(input, "normalize")
+    if not use_kernel("l2_norm", input.device):
+        return reference.normalize(input, p, dim, eps)
+    return torch.ops.torchfuse.l2_norm(input, None, dim, float(eps))[0]
+
+
+def cosine_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Cosine normalization of a linear layer.
+
+    ``out[..., j] = (input[..., :] . weight[j]) / (max(|input|, eps) *
+    max(|weight[j]|, eps)) + bias[j]``, i.e.
+    ``normalize(input, dim=-1, eps=eps) @ normalize(weight, dim=1, eps=eps).T
+    + bias``; ``input (*, in)``, ``weight (out, in)``, ``bias (out,)`` or
+    None. The row norms come from fused kernels and are applied in an epilogue
+    over the GEMM's output (the GEMM is the platform BLAS): no normalized copy
+    of input or weight is made, forward or backward.
+    """
+    check.tensor(input, "cosine_linear", "input")
+    check.tensor(weight, "cosine_linear", "weight")
+    check.tensor(bias, "cosine_linear", "bias", optional=True)
+    check.number(eps, "cosine_linear", "eps")
+    check.floating(input, "cosine_linear")
+    if not use_kernel("cosine_linear", input.device):
+        return reference.cosine_linear(input, weight, bias, eps)
+    return torch.ops.torchfuse.cosine_linear(input, weight, bias, float(eps))[0]

@@ -9,11 +9,20 @@ from an existing torch module, sharing its parameters (used by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import functional as F
 
-__all__ = ["RMSNorm", "ChannelShuffle", "LocalResponseNorm", "SpatialResponseNorm"]
+__all__ = [
+    "RMSNorm",
+    "ChannelShuffle",
+    "LocalResponseNorm",
+    "SpatialResponseNorm",
+    "L2Norm",
+    "CosineLinear",
+]
 
 
 class _DropIn:
@@ -68,3 +77,60 @@ class SpatialResponseNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return "{size}, alpha={alpha}, beta={beta}, k={k}".format(**self.__dict__)
+class L2Norm(torch.nn.Module):
+    """SSD's L2Norm: ``l2_norm(input, weight, dim=1, eps)``, a learned
+    per-channel scale (parameter ``weight`` of shape ``(num_channels,)``,
+    filled with ``scale``) applied to the L2-normalized channel vector."""
+
+    def __init__(self, num_channels: int, scale: float = 20.0, eps: float = 1e-12,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.scale = scale
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(self.scale)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.l2_norm(input, self.weight, 1, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, scale={self.scale}, eps={self.eps}"
+
+
+class CosineLinear(torch.nn.Module):
+    """Cosine-normalized linear layer: ``cosine_linear(input, weight, bias,
+    eps)``, the cosine similarity of each input row with each weight row
+    (parameters ``weight (out_features, in_features)`` and, if ``bias``,
+    ``bias (out_features,)``; initialised as :class:`torch.nn.Linear`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 eps: float = 1e-8, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.cosine_linear(input, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, eps={self.eps}")

@@ -19,6 +19,9 @@ __all__ = [
     "add_rms_norm",
     "local_response_norm",
     "spatial_response_norm",
+    "l2_norm",
+    "normalize",
+    "cosine_linear",
 ]
 
 
@@ -107,3 +110,42 @@ def spatial_response_norm(
     S = window_sum(window_sum(x * x, 2, lo, hi), 3, lo, hi)
     s = k + alpha / (size * size) * S
     return (x * s.pow(-beta)).to(input.dtype)
+def normalize(
+    input: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12
+) -> torch.Tensor:
+    """input / max(||input||_p along dim, eps), computed in float32 (float64)."""
+    x = input.to(_acc(input.dtype))
+    return torch.nn.functional.normalize(x, p, dim, eps).to(input.dtype)
+
+
+def l2_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    dim: int = 1,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """normalize(input, 2, dim, eps) * weight, weight broadcast along dim."""
+    x = input.to(_acc(input.dtype))
+    y = torch.nn.functional.normalize(x, 2.0, dim, eps)
+    if weight is not None:
+        shape = [1] * x.dim()
+        if shape:
+            shape[dim] = -1
+        y = y * weight.to(y.dtype).reshape(shape)
+    return y.to(input.dtype)
+
+
+def cosine_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """normalize(input, dim=-1, eps) @ normalize(weight, dim=1, eps).T + bias."""
+    acc = _acc(input.dtype)
+    x = torch.nn.functional.normalize(input.to(acc), 2.0, -1, eps)
+    w = torch.nn.functional.normalize(weight.to(acc), 2.0, 1, eps)
+    y = x @ w.t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(input.dtype)

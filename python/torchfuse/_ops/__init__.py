@@ -88,6 +88,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-from . import rms_norm  # noqa: E402,F401  (registrations)
-from . import channel_shuffle  # noqa: E402,F401,I001  (registrations)
-from . import lrn  # noqa: E402,F401  (registrations)
+# Registrations (after the helpers above, which they use).
+from . import (  # noqa: E402, F401
+    channel_shuffle,
+    l2_norm,
+    lrn,
+    rms_norm,
+)
