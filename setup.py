@@ -12,6 +12,7 @@ Environment:
   TORCHFUSE_CPU_CAPABILITY   DEFAULT, AVX2 or AVX512: the at::vec instruction
                              set for the CPU kernels (default: the best this
                              machine and torch support)
+  TORCHFUSE_NO_OPENMP=1      CPU kernels on one thread (default: OpenMP, as torch)
   TORCHFUSE_DEBUG=1          -O0 -g, and device line info
   MAX_JOBS                   parallel compile jobs (ninja)
 """
@@ -79,7 +80,19 @@ def _cpu_flags():
     return ["-DCPU_CAPABILITY=DEFAULT"], "DEFAULT"
 
 
-def _write_build_info(cpu_cap, archs):
+def _openmp_flags():
+    """at::parallel_for is header code: it runs threads only when the
+    extension itself is compiled with OpenMP (_OPENMP defined), as torch is.
+    Without -fopenmp every CPU kernel silently runs on one thread. Linking
+    with -fopenmp needs libgomp.so.1, the soname torch already loaded."""
+    if os.environ.get("TORCHFUSE_NO_OPENMP") == "1":
+        return []
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return []  # torch's own backend is native/TBB: nothing to match
+    return ["-fopenmp"]
+
+
+def _write_build_info(cpu_cap, archs, openmp):
     path = os.path.join(ROOT, "python", "torchfuse", "_build_info.py")
     info = {
         "version": VERSION,
@@ -87,6 +100,7 @@ def _write_build_info(cpu_cap, archs):
         "cuda": torch.version.cuda if WITH_CUDA else None,
         "cuda_archs": archs,
         "cpu_capability": cpu_cap,
+        "cpu_threads": "openmp" if openmp else "single",
         "debug": DEBUG,
     }
     with open(path, "w") as f:
@@ -99,7 +113,8 @@ def extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     cpu_flags, cpu_cap = _cpu_flags()
-    cxx = opt + ["-DTORCHFUSE_PYTHON_MODULE", "-fvisibility=hidden"] + cpu_flags
+    omp = _openmp_flags()
+    cxx = opt + ["-DTORCHFUSE_PYTHON_MODULE", "-fvisibility=hidden"] + cpu_flags + omp
     archs = None
     if WITH_CUDA:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -110,10 +125,12 @@ def extensions():
             "torchfuse._C",
             cpp + cu,
             extra_compile_args={"cxx": cxx + ["-DTORCHFUSE_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=omp,
         )
     else:
-        ext = CppExtension("torchfuse._C", cpp, extra_compile_args={"cxx": cxx})
-    _write_build_info(cpu_cap, archs)
+        ext = CppExtension("torchfuse._C", cpp, extra_compile_args={"cxx": cxx},
+                           extra_link_args=omp)
+    _write_build_info(cpu_cap, archs, bool(omp))
     return [ext]
 
 

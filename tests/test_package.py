@@ -36,6 +36,19 @@ def test_info_reports_build_and_ops():
     assert "rms_norm" in out.stdout and "extension: loaded" in out.stdout
 
 
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's parallel backend is not OpenMP")
+def test_cpu_kernels_built_with_openmp():
+    # at::parallel_for is header code: an extension compiled without -fopenmp
+    # runs every CPU kernel on one thread, silently. The shared object must
+    # call into the OpenMP runtime, and the build must say so.
+    if os.environ.get("TORCHFUSE_NO_OPENMP") == "1":
+        pytest.skip("built with TORCHFUSE_NO_OPENMP=1")
+    assert torchfuse.info()["cpu_threads"] == "openmp"
+    with open(torchfuse._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+
+
 def test_fallback_warns_once_and_matches(monkeypatch):
     monkeypatch.setitem(_ops.KERNELS, "rms_norm", frozenset())
     monkeypatch.setattr(_ops, "_warned", set())

@@ -142,4 +142,24 @@ at::opmath_type<T> dot(const T* a, const T* b, int64_t n) {
   return reduce_sum((s0 + s1) + (s2 + s3));
 }
 
+// sum(a[j] * w[j] * b[j]) over n elements; w (in the accumulate type) may be
+// nullptr for a plain dot. The weighted dot product of a norm's backward.
+template <typename T>
+at::opmath_type<T> dot(const T* a, const T* b, const at::opmath_type<T>* w, int64_t n) {
+  if (w == nullptr) return dot(a, b, n);
+  using IO = VecIO<T>;
+  using A = at::opmath_type<T>;
+  using AVec = typename IO::AVec;
+  AVec s0(0), s1(0);
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+    AVec a0, a1, b0, b1, w0, w1;
+    IO::load(a + j, c, a0, a1);
+    IO::load(b + j, c, b0, b1);
+    AccIO<A>::load(w + j, c, w0, w1);
+    s0 = at::vec::fmadd(a0 * w0, b0, s0);
+    s1 = at::vec::fmadd(a1 * w1, b1, s1);
+  });
+  return reduce_sum(s0 + s1);
+}
+
 }  // namespace torchfuse::cpu

@@ -91,6 +91,24 @@ inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// out[j] = src[j] * r * w[j] (w may be nullptr: 1) over one row of nvec
+// V-wide vectors, the block's threads striding: the store of a row norm.
+template <typename T, int V, typename A>
+__device__ __forceinline__ void store_scaled_row(
+    const T* __restrict__ src, T* __restrict__ out, int64_t nvec, A r,
+    const A* __restrict__ w) {
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    const Vec<T, V> xv = load_vec<T, V>(src + v * V);
+    Vec<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A wk = w != nullptr ? w[v * V + k] : A(1);
+      o.v[k] = static_cast<T>(static_cast<A>(xv.v[k]) * r * wk);
+    }
+    store_vec<T, V>(out + v * V, o);
+  }
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }

@@ -253,21 +253,7 @@ void bwd_kernel(const BwdParams& p) {
       T* dxr = dx + r * C;
       const A n = norm[r];
       const A rs = inv_clamped(n, eps);
-      A d;
-      if (w != nullptr) {
-        AVec s0(0), s1(0);
-        for_each_step<S>(C, [&](int64_t j, int64_t c) {
-          AVec d0, d1, x0, x1, w0, w1;
-          IO::load(dyr + j, c, d0, d1);
-          IO::load(xr + j, c, x0, x1);
-          AccIO<A>::load(w + j, c, w0, w1);
-          s0 = at::vec::fmadd(d0 * w0, x0, s0);
-          s1 = at::vec::fmadd(d1 * w1, x1, s1);
-        });
-        d = reduce_sum(s0 + s1);
-      } else {
-        d = dot(dyr, xr, C);
-      }
+      const A d = dot(dyr, xr, w, C);
       const bool pass = n >= eps;  // the clamp passes the gradient
       const A k = pass ? (pre ? rs * rs * d : rs * rs * rs * d) : A(0);
       const AVec vk(k), vg(pre ? A(1) : rs), vr(rs);

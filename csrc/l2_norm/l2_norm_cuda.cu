@@ -82,16 +82,7 @@ __global__ void row_fwd_kernel(
     if (threadIdx.x == 0) norm[row] = n;
     if (out == nullptr) continue;
     const A r = inv_clamped(n, eps);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const Vec<T, V> xv = load_vec<T, V>(xr + v * V);
-      Vec<T, V> o;
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const A wk = w != nullptr ? w[v * V + k] : A(1);
-        o.v[k] = static_cast<T>(static_cast<A>(xv.v[k]) * r * wk);
-      }
-      store_vec<T, V>(out + row * N + v * V, o);
-    }
+    store_scaled_row<T, V>(xr, out + row * N, nvec, r, w);
   }
 }
 

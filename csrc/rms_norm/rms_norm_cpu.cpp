@@ -110,21 +110,7 @@ void bwd_cpu_kernel(const BwdParams& p) {
     const T* xr = x + r * N;
     T* dxr = dx + r * N;
     const A rs = rstd[r];
-    A g_dot_x;
-    if (w != nullptr) {
-      AVec s0(0), s1(0);
-      for_each_step<S>(N, [&](int64_t j, int64_t c) {
-        AVec d0, d1, x0, x1, w0, w1;
-        IO::load(dyr + j, c, d0, d1);
-        IO::load(xr + j, c, x0, x1);
-        AccIO<A>::load(w + j, c, w0, w1);
-        s0 = at::vec::fmadd(d0 * w0, x0, s0);
-        s1 = at::vec::fmadd(d1 * w1, x1, s1);
-      });
-      g_dot_x = reduce_sum(s0 + s1);
-    } else {
-      g_dot_x = dot(dyr, xr, N);
-    }
+    const A g_dot_x = dot(dyr, xr, w, N);
     const AVec vrs(rs);
     const AVec vc(g_dot_x * rs * rs * rs / static_cast<A>(N));
     const T* dsr = ds != nullptr ? ds + r * N : nullptr;

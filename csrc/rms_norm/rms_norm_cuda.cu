@@ -150,16 +150,7 @@ __global__ void fwd_large_kernel(
     // With a residual each thread re-reads exactly the summed vectors it
     // wrote itself, so no barrier is needed between the passes.
     const T* src = res != nullptr ? summed + row * N : xr;
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const Vec<T, V> xv = load_vec<T, V>(src + v * V);
-      Vec<T, V> o;
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const A wk = w != nullptr ? w[v * V + k] : A(1);
-        o.v[k] = static_cast<T>(static_cast<A>(xv.v[k]) * r * wk);
-      }
-      store_vec<T, V>(out + row * N + v * V, o);
-    }
+    store_scaled_row<T, V>(src, out + row * N, nvec, r, w);
   }
 }
 

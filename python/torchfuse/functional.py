@@ -123,6 +123,8 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     if not use_kernel("cat_shuffle", tensors[0].device):
         return reference.cat_shuffle(tensors, groups)
     return torch.ops.torchfuse.cat_shuffle(tensors, int(groups))
+
+
 def _response_norm_args(fn, input, size, alpha, beta, k):
     check.tensor(input, fn, "input")
     if isinstance(size, bool) or not isinstance(size, int):
@@ -184,6 +186,8 @@ def spatial_response_norm(
         return reference.spatial_response_norm(input, size, alpha, beta, k)
     return torch.ops.torchfuse.spatial_response_norm(
         input, size, float(alpha), float(beta), float(k))
+
+
 def l2_norm(
     input: torch.Tensor,
     weight: torch.Tensor | None = None,

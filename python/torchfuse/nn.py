@@ -54,6 +54,8 @@ class ChannelShuffle(_DropIn, torch.nn.ChannelShuffle):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.channel_shuffle(input, self.groups)
+
+
 class LocalResponseNorm(_DropIn, torch.nn.LocalResponseNorm):
     """:class:`torch.nn.LocalResponseNorm` computed by torchfuse's fused kernels."""
 
@@ -77,6 +79,8 @@ class SpatialResponseNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return "{size}, alpha={alpha}, beta={beta}, k={k}".format(**self.__dict__)
+
+
 class L2Norm(torch.nn.Module):
     """SSD's L2Norm: ``l2_norm(input, weight, dim=1, eps)``, a learned
     per-channel scale (parameter ``weight`` of shape ``(num_channels,)``,

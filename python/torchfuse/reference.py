@@ -69,6 +69,8 @@ def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:
 def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     """channel_shuffle(torch.cat(tensors, dim=1), groups)."""
     return channel_shuffle(torch.cat(list(tensors), dim=1), groups)
+
+
 def window_sum(t: torch.Tensor, dim: int, lo: int, hi: int) -> torch.Tensor:
     """out[i] = sum of t[j] along `dim`, j in [i - lo, i + hi], zero outside."""
     n = t.shape[dim]
@@ -110,6 +112,8 @@ def spatial_response_norm(
     S = window_sum(window_sum(x * x, 2, lo, hi), 3, lo, hi)
     s = k + alpha / (size * size) * S
     return (x * s.pow(-beta)).to(input.dtype)
+
+
 def normalize(
     input: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12
 ) -> torch.Tensor:

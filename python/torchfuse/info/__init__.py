@@ -37,6 +37,7 @@ def info() -> dict:
         "cuda_version": build.get("cuda"),
         "cuda_archs": build.get("cuda_archs"),
         "cpu_capability": build.get("cpu_capability"),
+        "cpu_threads": build.get("cpu_threads"),
         "cuda_available": torch.cuda.is_available(),
         "strict": _ops.STRICT,
         "ops": {name: sorted(devs) for name, devs in sorted(_ops.KERNELS.items())},
@@ -53,7 +54,9 @@ def format_info(d: dict | None = None) -> str:
     cuda = (f"CUDA {d['cuda_version']}, archs {d['cuda_archs']}" if d["cuda_compiled"]
             else "not compiled")
     lines.append(f"  CUDA kernels: {cuda}; GPU visible: {d['cuda_available']}")
-    lines.append(f"  CPU kernels: at::vec {d['cpu_capability']}")
+    threads = {"openmp": f"OpenMP, {torch.get_num_threads()} threads",
+               "single": "one thread (built without OpenMP)"}.get(d["cpu_threads"], "unknown")
+    lines.append(f"  CPU kernels: at::vec {d['cpu_capability']}; {threads}")
     lines.append("  ops (devices with a kernel; others use torchfuse.reference):")
     for name, devs in d["ops"].items():
         lines.append(f"    {name:<24} {', '.join(devs) or '-'}")
