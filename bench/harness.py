@@ -89,11 +89,13 @@ def _sync(device: str) -> None:
 
 
 def time_cpu(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median seconds per call (torch.utils.benchmark)."""
+    """Median seconds per call (torch.utils.benchmark), with torch's current
+    thread count (Timer's own default is one thread)."""
     from torch.utils import benchmark
 
     fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                        num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time
     )
     return m.median
