@@ -37,14 +37,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="JSON path (PNG beside it); default bench/out/")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--report", default="", help="print the table of a saved JSON file and exit")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for every implementation (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     if args.report:
         with open(args.report) as f:
             saved = json.load(f)
         m = saved["meta"]
-        print(f"{m['device_name']}, torch {m['torch']}, commit {m['commit'][:12]}, {m['date']}"
-              f"{' (quick)' if m['quick'] else ''}\n")
+        threads = f", {m['threads']} threads" if m["device"] == "cpu" else ""
+        print(f"{m['device_name']}{threads}, torch {m['torch']}, commit {m['commit'][:12]}, "
+              f"{m['date']}{' (quick)' if m['quick'] else ''}\n")
         print(format_table(saved["results"]))
         return 0
 
