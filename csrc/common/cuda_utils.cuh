@@ -93,9 +93,12 @@ inline int num_sms() {
 
 // out[j] = src[j] * r * w[j] (w may be nullptr: 1) over one row of nvec
 // V-wide vectors, the block's threads striding: the store of a row norm.
+// src is not __restrict__: it may be a buffer this kernel wrote (add_rms_norm
+// re-reads `summed`), which the read-only (non-coherent) load path must not
+// be used for.
 template <typename T, int V, typename A>
 __device__ __forceinline__ void store_scaled_row(
-    const T* __restrict__ src, T* __restrict__ out, int64_t nvec, A r,
+    const T* src, T* __restrict__ out, int64_t nvec, A r,
     const A* __restrict__ w) {
   for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
     const Vec<T, V> xv = load_vec<T, V>(src + v * V);

@@ -49,7 +49,7 @@ __device__ __forceinline__ A sqrt_acc(A v) {
 // blockDim = (tpr, rows per block); loops are block-uniform so every thread
 // reaches every reduction. out == nullptr: norms only.
 template <typename T, int V>
-__global__ void row_fwd_kernel(
+__global__ void __launch_bounds__(kMaxTpr) row_fwd_kernel(
     const T* __restrict__ x,
     const at::opmath_type<T>* __restrict__ w,
     T* __restrict__ out,
@@ -89,7 +89,7 @@ __global__ void row_fwd_kernel(
 // prescaled: dx = dy - x * (m ? r^2 * dot(dy, x) : 0)
 // else:      dx = r * g - x * (m ? r^3 * dot(g, x) : 0),  g = dy * w
 template <typename T, int V>
-__global__ void row_bwd_kernel(
+__global__ void __launch_bounds__(kMaxTpr) row_bwd_kernel(
     const T* __restrict__ dy,
     const T* __restrict__ x,
     const at::opmath_type<T>* __restrict__ norm,

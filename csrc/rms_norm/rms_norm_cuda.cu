@@ -42,7 +42,7 @@ __device__ __forceinline__ void to_acc(
 // blockDim = (tpr, rows per block). Loops are block-uniform so that every
 // thread reaches every reduction.
 template <typename T, int V>
-__global__ void fwd_reg_kernel(
+__global__ void __launch_bounds__(kMaxTpr) fwd_reg_kernel(
     const T* __restrict__ x,
     const T* __restrict__ res,
     const at::opmath_type<T>* __restrict__ w,
@@ -112,7 +112,7 @@ __global__ void fwd_reg_kernel(
 
 // One block per row (grid-stride), two passes over the row.
 template <typename T, int V>
-__global__ void fwd_large_kernel(
+__global__ void __launch_bounds__(kLargeBlock) fwd_large_kernel(
     const T* __restrict__ x,
     const T* __restrict__ res,
     const at::opmath_type<T>* __restrict__ w,
@@ -156,7 +156,7 @@ __global__ void fwd_large_kernel(
 
 // ----------------------------------------------------------------- backward
 template <typename T, int V>
-__global__ void bwd_reg_kernel(
+__global__ void __launch_bounds__(kMaxTpr) bwd_reg_kernel(
     const T* __restrict__ dy,
     const T* __restrict__ ds,
     const T* __restrict__ x,
@@ -229,7 +229,7 @@ __global__ void bwd_reg_kernel(
   // Rows of the block that share columns (threadIdx.y > 0) fold their
   // accumulators into row 0 in a fixed order through shared memory, so each
   // block writes a single partial row.
-  extern __shared__ unsigned char fold_raw[];
+  extern __shared__ __align__(16) unsigned char fold_raw[];
   A* fold = reinterpret_cast<A*>(fold_raw);  // [tpr * kIters * V]
   for (int y = 1; y < static_cast<int>(blockDim.y); ++y) {
     if (threadIdx.y == y) {
@@ -265,7 +265,7 @@ __global__ void bwd_reg_kernel(
 
 // dx for long rows: one block per row, two passes.
 template <typename T, int V>
-__global__ void bwd_large_kernel(
+__global__ void __launch_bounds__(kLargeBlock) bwd_large_kernel(
     const T* __restrict__ dy,
     const T* __restrict__ ds,
     const T* __restrict__ x,
