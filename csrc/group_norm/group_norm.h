@@ -1,0 +1,137 @@
+// GroupNorm (+ fused ReLU / SiLU): host-side logic shared by the CPU and CUDA
+// kernels.
+//
+// The input is handled in one of two memory layouts, with no layout copy:
+//   * "planar"  (contiguous):          element (n, c, s) at (n * C + c) * S + s
+//   * "cl"      (channels_last(_3d)):  element (n, c, s) at (n * S + s) * C + c
+// with S the product of the spatial sizes. Group g holds channels
+// [g * D, (g + 1) * D), D = C / G.
+//
+// The device launchers only stream over the data; everything on (N, C) or
+// (N, G)-sized tensors (combining partial statistics, per-channel
+// coefficients, parameter gradients) is done with ATen ops in
+// group_norm.cpp, in float64, the same code for both devices.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string_view>
+#include <tuple>
+
+namespace torchfuse::group_norm {
+
+enum class Act : int { kNone = 0, kRelu = 1, kSilu = 2 };
+
+struct Geometry {
+  int64_t N = 0, C = 0, S = 0, G = 0, D = 0;
+  bool cl = false;  // channels_last(_3d) memory
+};
+
+// Statistics, stage 1. Each (n, g) is split into K chunks:
+//   planar: chunk k = elements [k * L, min(M, (k + 1) * L)) of the group,
+//           M = D * S contiguous elements;
+//   cl:     chunk k = rows [k * R, min(S, (k + 1) * R)) of sample n.
+// For every (n, g, k) the launcher writes, in float64, the chunk's mean
+// (mean_k) and its centred sum of squares (m2_k), both computed by two passes
+// over the chunk (rough mean, then sums of (x - rough) and its square).
+struct StatsParams {
+  at::Tensor x, mean_k, m2_k;  // mean_k, m2_k: (N, G, K) float64
+  Geometry geo;
+  int64_t K = 0, L = 0, R = 0;
+};
+
+// The streaming kernels evaluate, per element, with per-(n, c) coefficients
+// p[i] (params: (NP, N, C), accumulate type) and d = x - p[0]:
+//   kForward  (NP 3): out = act(d * p[1] + p[2])
+//   kBackward (NP 6): y = d * p[1] + p[2]; g = dy * act'(y);
+//                     dx = p[3] * g + p[4] * d + p[5]
+//   kCorrect  (NP 2, NQ 1): q0 = d, only where p[1] != 0 (else the
+//                     partial is 0 and the data is not read)
+//   kGrad     (NP 5, NQ 2): y = d * p[1] + p[2]; g = dy * act'(y);
+//                     q0 = g, q1 = g * (d * p[3] + p[4])
+enum class Mode : int { kForward = 0, kBackward = 1, kCorrect = 2, kGrad = 3 };
+
+// Elementwise (kForward, kBackward): x, dy (kBackward) -> out, all in the
+// same layout.
+struct PointwiseParams {
+  at::Tensor x, dy, out, params;
+  Geometry geo;
+  Mode mode = Mode::kForward;
+  Act act = Act::kNone;
+};
+
+// Per-channel reductions (kCorrect, kGrad): partial (NQ, N, K, C) in the
+// accumulate type; chunk k covers spatial positions [k * R, min(S, (k+1) * R)).
+struct ReduceParams {
+  at::Tensor x, dy, partial, params;
+  Geometry geo;
+  int64_t K = 0, R = 0;
+  Mode mode = Mode::kGrad;
+  Act act = Act::kNone;
+};
+
+struct Launchers {
+  void (*stats)(const StatsParams&);
+  void (*pointwise)(const PointwiseParams&);
+  void (*reduce)(const ReduceParams&);
+  int64_t stat_chunk;    // elements per statistics chunk
+  bool cl_per_group;     // cl statistics chunks count D (true) or C channels
+  int64_t reduce_chunk;  // elements per reduction chunk (R * C, or R planar)
+};
+
+Act parse_activation(std::string_view name, const char* op);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& input,
+    int64_t num_groups,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps,
+    std::string_view activation,
+    const Launchers& launch);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    int64_t num_groups,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    std::string_view activation,
+    bool weight_grad,
+    bool bias_grad,
+    const Launchers& launch);
+
+// The op entry points for one device, ready for m.impl.
+template <const Launchers& L>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_op(
+    const at::Tensor& input,
+    int64_t num_groups,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps,
+    c10::string_view activation) {
+  return forward(input, num_groups, weight, bias, eps,
+                 std::string_view(activation.data(), activation.size()), L);
+}
+
+template <const Launchers& L>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_op(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    int64_t num_groups,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    c10::string_view activation,
+    bool weight_grad,
+    bool bias_grad) {
+  return backward(grad_out, input, mean, rstd, num_groups, weight, bias,
+                  std::string_view(activation.data(), activation.size()),
+                  weight_grad, bias_grad, L);
+}
+
+}  // namespace torchfuse::group_norm

@@ -1,0 +1,402 @@
+// GroupNorm CPU kernels (at::vec, at::parallel_for) and the CPU registration.
+// Checks, allocation, formulas and the (N, C)-sized algebra: group_norm.cpp.
+//
+// Both layouts are read in place. Planar (contiguous) input: statistics per
+// contiguous chunk of a group, per-channel sums per plane chunk, elementwise
+// passes per plane chunk with the channel's coefficients broadcast.
+// channels_last input: rows of C channels; statistics and per-channel sums
+// per chunk of rows of one sample (all groups at once, with per-channel
+// accumulators), elementwise passes row by row with coefficient vectors.
+// Every chunking is a function of the shape only, and partial results are
+// combined in a fixed order: results do not depend on the thread count.
+#include "group_norm.h"
+
+#include "../common/cpu_vec.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace torchfuse::group_norm {
+
+namespace {
+
+using cpu::AccIO;
+using cpu::for_each_step;
+using cpu::reduce_sum;
+using cpu::VecIO;
+
+constexpr int64_t kStatChunk = 4096;     // elements per statistics chunk (L1)
+constexpr int64_t kReduceChunk = 16384;  // elements per reduction chunk
+constexpr int64_t kBlock = 16384;        // elements per elementwise task
+
+constexpr int num_params(Mode m) {
+  return m == Mode::kForward ? 3 : m == Mode::kBackward ? 6 : m == Mode::kCorrect ? 2 : 5;
+}
+
+constexpr int num_sums(Mode m) {
+  return m == Mode::kCorrect ? 1 : 2;
+}
+
+template <Act ACT, typename V>
+inline V act_fwd(const V& y) {
+  if constexpr (ACT == Act::kRelu) {
+    return at::vec::maximum(y, V(0));
+  } else if constexpr (ACT == Act::kSilu) {
+    return y / (V(1) + y.neg().exp());
+  } else {
+    return y;
+  }
+}
+
+// dy * act'(y)
+template <Act ACT, typename V>
+inline V act_grad(const V& dy, const V& y) {
+  if constexpr (ACT == Act::kRelu) {
+    return V::blendv(V(0), dy, y > V(0));
+  } else if constexpr (ACT == Act::kSilu) {
+    const V s = V(1) / (V(1) + y.neg().exp());
+    return dy * s * (V(1) + y * (V(1) - s));
+  } else {
+    return dy;
+  }
+}
+
+template <Mode MODE, Act ACT, typename V>
+inline V pointwise_op(const V& x, const V& dy, const V* p) {
+  const V d = x - p[0];
+  if constexpr (MODE == Mode::kForward) {
+    return act_fwd<ACT>(at::vec::fmadd(d, p[1], p[2]));
+  } else {
+    const V g = act_grad<ACT>(dy, at::vec::fmadd(d, p[1], p[2]));
+    return at::vec::fmadd(p[3], g, at::vec::fmadd(p[4], d, p[5]));
+  }
+}
+
+template <Mode MODE, Act ACT, typename V>
+inline void reduce_op(const V& x, const V& dy, const V* p, V* q) {
+  const V d = x - p[0];
+  if constexpr (MODE == Mode::kCorrect) {
+    q[0] = d;
+  } else {
+    const V g = act_grad<ACT>(dy, at::vec::fmadd(d, p[1], p[2]));
+    q[0] = g;
+    q[1] = g * at::vec::fmadd(d, p[3], p[4]);
+  }
+}
+
+// Zeroes the lanes of a (first, second) pair beyond the first n elements.
+template <typename V>
+inline void mask_pair(V& a, V& b, int64_t n) {
+  constexpr int64_t kSize = V::size();
+  if (n >= 2 * kSize) return;
+  a = V::set(V(0), a, std::min(n, kSize));
+  b = V::set(V(0), b, std::max<int64_t>(0, n - kSize));
+}
+
+// ------------------------------------------------------------- statistics
+template <typename T>
+void stats_kernel(const StatsParams& sp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  const Geometry& g = sp.geo;
+  const int64_t M = g.D * g.S, K = sp.K;
+  const T* x = sp.x.const_data_ptr<T>();
+  double* mk = sp.mean_k.mutable_data_ptr<double>();
+  double* m2k = sp.m2_k.mutable_data_ptr<double>();
+
+  auto write = [&](int64_t idx, A m0, A sd, A sq, int64_t cnt) {
+    const double c = static_cast<double>(cnt), s = sd;
+    mk[idx] = static_cast<double>(m0) + s / c;
+    m2k[idx] = static_cast<double>(sq) - s * s / c;
+  };
+
+  if (!g.cl) {
+    const int64_t L = sp.L;
+    at::parallel_for(0, g.N * g.G * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t k = t % K;
+        const T* base = x + (t / K) * M + k * L;
+        const int64_t cnt = std::min(L, M - k * L);
+        V s0(0), s1(0);
+        for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+          V a, b;
+          IO::load(base + j, c, a, b);
+          s0 = s0 + a;
+          s1 = s1 + b;
+        });
+        const A m0 = reduce_sum(s0 + s1) / static_cast<A>(cnt);
+        const V vm(m0);
+        V e0(0), e1(0), q0(0), q1(0);
+        for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+          V a, b;
+          IO::load(base + j, c, a, b);
+          a = a - vm;
+          b = b - vm;
+          mask_pair(a, b, c);
+          e0 = e0 + a;
+          e1 = e1 + b;
+          q0 = at::vec::fmadd(a, a, q0);
+          q1 = at::vec::fmadd(b, b, q1);
+        });
+        write((t / K) * K + k, m0, reduce_sum(e0 + e1), reduce_sum(q0 + q1), cnt);
+      }
+    });
+    return;
+  }
+
+  const int64_t C = g.C, D = g.D, G = g.G, S = g.S, R = sp.R;
+  at::parallel_for(0, g.N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(C), mv(C), s1(C), s2(C), m0(G);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
+      const T* xs = x + n * S * C;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+          V a, b, u, v;
+          IO::load(xs + r * C + c0, c, a, b);
+          AccIO<A>::load(acc.data() + c0, c, u, v);
+          AccIO<A>::store(acc.data() + c0, u + a, v + b, c);
+        });
+      }
+      const int64_t cnt = (r1 - r0) * D;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        A s = 0;
+        for (int64_t c = gi * D; c < (gi + 1) * D; ++c) s += acc[c];
+        m0[gi] = s / static_cast<A>(cnt);
+        std::fill(mv.begin() + gi * D, mv.begin() + (gi + 1) * D, m0[gi]);
+      }
+      std::fill(s1.begin(), s1.end(), A(0));
+      std::fill(s2.begin(), s2.end(), A(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+          V a, b, ma, mb, u, v, p, q;
+          IO::load(xs + r * C + c0, c, a, b);
+          AccIO<A>::load(mv.data() + c0, c, ma, mb);
+          a = a - ma;
+          b = b - mb;
+          AccIO<A>::load(s1.data() + c0, c, u, v);
+          AccIO<A>::store(s1.data() + c0, u + a, v + b, c);
+          AccIO<A>::load(s2.data() + c0, c, p, q);
+          AccIO<A>::store(s2.data() + c0, at::vec::fmadd(a, a, p), at::vec::fmadd(b, b, q), c);
+        });
+      }
+      for (int64_t gi = 0; gi < G; ++gi) {
+        A sd = 0, sq = 0;
+        for (int64_t c = gi * D; c < (gi + 1) * D; ++c) {
+          sd += s1[c];
+          sq += s2[c];
+        }
+        write((n * G + gi) * K + k, m0[gi], sd, sq, cnt);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------ elementwise
+template <typename T, Mode MODE, Act ACT>
+void pointwise_kernel(const PointwiseParams& pp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  constexpr int NP = num_params(MODE);
+  const Geometry& g = pp.geo;
+  const int64_t C = g.C, S = g.S, NC = g.N * g.C;
+  const T* x = pp.x.const_data_ptr<T>();
+  const T* dy = MODE == Mode::kBackward ? pp.dy.const_data_ptr<T>() : nullptr;
+  T* out = pp.out.mutable_data_ptr<T>();
+  const A* prm = pp.params.const_data_ptr<A>();
+
+  auto step = [&](int64_t off, int64_t c, const V* p0, const V* p1) {
+    V x0, x1, d0(0), d1(0);
+    IO::load(x + off, c, x0, x1);
+    if constexpr (MODE == Mode::kBackward) IO::load(dy + off, c, d0, d1);
+    IO::store(out + off, pointwise_op<MODE, ACT>(x0, d0, p0),
+              pointwise_op<MODE, ACT>(x1, d1, p1), c);
+  };
+
+  if (!g.cl) {
+    const int64_t nb = (S + kBlock - 1) / kBlock;
+    at::parallel_for(0, NC * nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / nb, j0 = (t % nb) * kBlock;
+        const int64_t j1 = std::min(S, j0 + kBlock);
+        V p[NP];
+        for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
+        const int64_t base = plane * S + j0;
+        for_each_step<kS>(j1 - j0, [&](int64_t j, int64_t c) { step(base + j, c, p, p); });
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kBlock / C);
+  at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const A* pn = prm + (r / S) * C;
+      for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+        V p0[NP], p1[NP];
+        for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
+        step(r * C + c0, c, p0, p1);
+      });
+    }
+  });
+}
+
+// ------------------------------------------------------ per-channel sums
+template <typename T, Mode MODE, Act ACT>
+void reduce_kernel(const ReduceParams& rp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  constexpr int NP = num_params(MODE);
+  constexpr int NQ = num_sums(MODE);
+  constexpr bool kDy = MODE == Mode::kGrad;
+  const Geometry& g = rp.geo;
+  const int64_t N = g.N, C = g.C, S = g.S, NC = N * C, K = rp.K, R = rp.R;
+  const T* x = rp.x.const_data_ptr<T>();
+  const T* dy = kDy ? rp.dy.const_data_ptr<T>() : nullptr;
+  const A* prm = rp.params.const_data_ptr<A>();
+  A* part = rp.partial.mutable_data_ptr<A>();
+  auto at_part = [&](int q, int64_t n, int64_t k) { return part + ((q * N + n) * K + k) * C; };
+
+  if (!g.cl) {
+    at::parallel_for(0, NC * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / K, k = t % K;
+        const int64_t n = plane / C, ch = plane % C;
+        if (MODE == Mode::kCorrect && prm[NC + plane] == A(0)) {
+          at_part(0, n, k)[ch] = A(0);
+          continue;
+        }
+        V p[NP];
+        for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
+        V acc0[NQ], acc1[NQ];
+        for (int q = 0; q < NQ; ++q) acc0[q] = acc1[q] = V(0);
+        const int64_t s0 = k * R, s1 = std::min(S, s0 + R);
+        const int64_t base = plane * S + s0;
+        for_each_step<kS>(s1 - s0, [&](int64_t j, int64_t c) {
+          V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+          IO::load(x + base + j, c, x0, x1);
+          if constexpr (kDy) IO::load(dy + base + j, c, d0, d1);
+          reduce_op<MODE, ACT>(x0, d0, p, q0);
+          reduce_op<MODE, ACT>(x1, d1, p, q1);
+          for (int q = 0; q < NQ; ++q) {
+            mask_pair(q0[q], q1[q], c);
+            acc0[q] = acc0[q] + q0[q];
+            acc1[q] = acc1[q] + q1[q];
+          }
+        });
+        for (int q = 0; q < NQ; ++q) at_part(q, n, k)[ch] = reduce_sum(acc0[q] + acc1[q]);
+      }
+    });
+    return;
+  }
+
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(NQ * C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      const A* pn = prm + n * C;
+      std::fill(acc.begin(), acc.end(), A(0));
+      bool skip = false;
+      if constexpr (MODE == Mode::kCorrect) {
+        skip = std::all_of(pn + NC, pn + NC + C, [](A v) { return v == A(0); });
+      }
+      const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t row = (n * S + s) * C;
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+          V p0[NP], p1[NP], x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+          for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
+          IO::load(x + row + c0, c, x0, x1);
+          if constexpr (kDy) IO::load(dy + row + c0, c, d0, d1);
+          reduce_op<MODE, ACT>(x0, d0, p0, q0);
+          reduce_op<MODE, ACT>(x1, d1, p1, q1);
+          for (int q = 0; q < NQ; ++q) {
+            V u, v;
+            A* a = acc.data() + q * C + c0;
+            AccIO<A>::load(a, c, u, v);
+            AccIO<A>::store(a, u + q0[q], v + q1[q], c);
+          }
+        });
+      }
+      if constexpr (MODE == Mode::kCorrect) {
+        // Groups that need no correction contribute zero (their flag is 0).
+        for (int64_t ch = 0; ch < C; ++ch) {
+          if (pn[NC + ch] == A(0)) acc[ch] = A(0);
+        }
+      }
+      for (int q = 0; q < NQ; ++q) {
+        std::copy(acc.begin() + q * C, acc.begin() + (q + 1) * C, at_part(q, n, k));
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------- dispatch
+template <typename F>
+void with_act(Act act, const F& f) {
+  switch (act) {
+    case Act::kRelu:
+      f(std::integral_constant<Act, Act::kRelu>{});
+      break;
+    case Act::kSilu:
+      f(std::integral_constant<Act, Act::kSilu>{});
+      break;
+    default:
+      f(std::integral_constant<Act, Act::kNone>{});
+  }
+}
+
+void stats_cpu(const StatsParams& sp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, sp.x.scalar_type(), "group_norm_stats_cpu",
+      [&] { stats_kernel<scalar_t>(sp); });
+}
+
+void pointwise_cpu(const PointwiseParams& pp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, pp.x.scalar_type(), "group_norm_pointwise_cpu", [&] {
+        with_act(pp.act, [&](auto act) {
+          if (pp.mode == Mode::kForward) {
+            pointwise_kernel<scalar_t, Mode::kForward, decltype(act)::value>(pp);
+          } else {
+            pointwise_kernel<scalar_t, Mode::kBackward, decltype(act)::value>(pp);
+          }
+        });
+      });
+}
+
+void reduce_cpu(const ReduceParams& rp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, rp.x.scalar_type(), "group_norm_reduce_cpu", [&] {
+        if (rp.mode == Mode::kCorrect) {
+          reduce_kernel<scalar_t, Mode::kCorrect, Act::kNone>(rp);
+        } else {
+          with_act(rp.act, [&](auto act) {
+            reduce_kernel<scalar_t, Mode::kGrad, decltype(act)::value>(rp);
+          });
+        }
+      });
+}
+
+}  // namespace
+
+const Launchers kCpu{stats_cpu, pointwise_cpu, reduce_cpu, kStatChunk, false, kReduceChunk};
+
+TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
+  m.impl("group_norm", &group_norm_op<kCpu>);
+  m.impl("group_norm_backward", &group_norm_backward_op<kCpu>);
+}
+
+}  // namespace torchfuse::group_norm
