@@ -85,8 +85,11 @@ def _check(device, dtype, shape, groups, affine, act, layout, scale=1.0, shift=0
     if layout == "channels_last":
         x, go = _channels_last(x), _channels_last(go)
     x.requires_grad_()
-    w = randn(c, dtype=dtype, device=device, requires_grad=True) if affine in ("both", "w") else None
-    b = randn(c, dtype=dtype, device=device, requires_grad=True) if affine in ("both", "b") else None
+    w = b = None
+    if affine in ("both", "w"):
+        w = randn(c, dtype=dtype, device=device, requires_grad=True)
+    if affine in ("both", "b"):
+        b = randn(c, dtype=dtype, device=device, requires_grad=True)
     ours = _run(F.group_norm, x, groups, w, b, 1e-5, act, go)
     ref = _run(R.group_norm, _leaf(x, torch.float64), groups, _leaf(w, torch.float64),
                _leaf(b, torch.float64), 1e-5, act, go.double())
