@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as TF
-from harness import Case
 
 import torchfuse.functional as F
+
+from harness import Case
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -93,31 +94,6 @@ def _shuffle_inputs(N, C, HW, pieces, channels_last):
             .contiguous(memory_format=fmt).requires_grad_()
             for k in range(pieces)
         }
-# ---------------------------------------------------------- response norms
-# AlexNet (conv1/conv2 outputs) and GoogLeNet v1 (pre-/post-conv2) LRN inputs.
-LRN_SHAPES = [("alexnet1", 96, 55), ("alexnet2", 256, 27), ("googlenet1", 64, 56),
-              ("googlenet2", 192, 56)]
-LRN_BATCHES = (1, 32, 128)
-
-
-def _lrn_inputs(N, C, HW):
-    def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        return {"x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype).requires_grad_()}
-# --------------------------------------------------- L2 / cosine normalization
-# SSD300's conv4_3 L2Norm (N x 512 x 38 x 38, scale 20), embedding
-# normalization along the last dim, and a cosine classifier head.
-SSD_BATCHES = (1, 8, 32)
-
-
-def _l2_inputs(shape, weight_len):
-    def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        d = {"x": torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()}
-        if weight_len:
-            d["weight"] = (20 + torch.randn(weight_len, generator=g)).to(device, dtype)
-            d["weight"].requires_grad_()
-        return d
 
     return make
 
@@ -163,6 +139,25 @@ def channel_shuffle_cases() -> list[Case]:
                         torchfuse=_tf_cat_shuffle, eager=_eager_cat_shuffle,
                         grad_inputs=("x0", "x1"), bytes_fwd=2 * nbytes, bytes_bwd=2 * nbytes,
                         tags=dict(layout),
+                    ))
+    return cases
+
+
+# ---------------------------------------------------------- response norms
+# AlexNet (conv1/conv2 outputs) and GoogLeNet v1 (pre-/post-conv2) LRN inputs.
+LRN_SHAPES = [("alexnet1", 96, 55), ("alexnet2", 256, 27), ("googlenet1", 64, 56),
+              ("googlenet2", 192, 56)]
+LRN_BATCHES = (1, 32, 128)
+
+
+def _lrn_inputs(N, C, HW):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return {"x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype).requires_grad_()}
+
+    return make
+
+
 def _tf_lrn(x):
     return F.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
 
@@ -202,6 +197,24 @@ def lrn_cases() -> list[Case]:
                         bytes_bwd=3 * nbytes,  # read dy, x; write dx
                     ))
     return cases
+
+
+# --------------------------------------------------- L2 / cosine normalization
+# SSD300's conv4_3 L2Norm (N x 512 x 38 x 38, scale 20), embedding
+# normalization along the last dim, and a cosine classifier head.
+SSD_BATCHES = (1, 8, 32)
+
+
+def _l2_inputs(shape, weight_len):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        d = {"x": torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()}
+        if weight_len:
+            d["weight"] = (20 + torch.randn(weight_len, generator=g)).to(device, dtype)
+            d["weight"].requires_grad_()
+        return d
+
+    return make
 
 
 def _tf_l2(x, weight):

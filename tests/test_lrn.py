@@ -4,6 +4,8 @@ gradcheck/gradgradcheck, opcheck, torch.compile, bad inputs, modules, convert().
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -180,8 +182,10 @@ def test_gradcheck(device):
     x = randn(2, 5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
     x3 = randn(2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     for size in (1, 2, 3, 6):
-        torch.autograd.gradcheck(lambda a: F.local_response_norm(a, size, 0.5, 0.75, 1.0), (x,))
-        torch.autograd.gradcheck(lambda a: F.spatial_response_norm(a, size, 0.5, 0.6, 1.0), (x,))
+        lrn = functools.partial(F.local_response_norm, size=size, alpha=0.5, beta=0.75, k=1.0)
+        srn = functools.partial(F.spatial_response_norm, size=size, alpha=0.5, beta=0.6, k=1.0)
+        torch.autograd.gradcheck(lrn, (x,))
+        torch.autograd.gradcheck(srn, (x,))
     torch.autograd.gradcheck(lambda a: F.local_response_norm(a, 2, 0.5, 1.3, 0.5), (x3,))
     torch.autograd.gradgradcheck(lambda a: F.local_response_norm(a, 4, 0.5, 0.75, 1.0), (x,))
     torch.autograd.gradgradcheck(lambda a: F.spatial_response_norm(a, 2, 0.5, 0.75, 1.0), (x,))
