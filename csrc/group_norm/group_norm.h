@@ -18,6 +18,7 @@
 
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 namespace torchfuse::group_norm {
 
@@ -51,6 +52,30 @@ struct StatsParams {
 //   kGrad     (NP 5, NQ 2): y = d * p[1] + p[2]; g = dy * act'(y);
 //                     q0 = g, q1 = g * (d * p[3] + p[4])
 enum class Mode : int { kForward = 0, kBackward = 1, kCorrect = 2, kGrad = 3 };
+
+constexpr int num_params(Mode m) {
+  return m == Mode::kForward ? 3 : m == Mode::kBackward ? 6 : m == Mode::kCorrect ? 2 : 5;
+}
+
+constexpr int num_sums(Mode m) {
+  return m == Mode::kCorrect ? 1 : 2;
+}
+
+// Calls f(std::integral_constant<Act, act>{}): the activation as a template
+// argument of the kernels.
+template <typename F>
+void with_act(Act act, const F& f) {
+  switch (act) {
+    case Act::kRelu:
+      f(std::integral_constant<Act, Act::kRelu>{});
+      break;
+    case Act::kSilu:
+      f(std::integral_constant<Act, Act::kSilu>{});
+      break;
+    default:
+      f(std::integral_constant<Act, Act::kNone>{});
+  }
+}
 
 // Elementwise (kForward, kBackward): x, dy (kBackward) -> out, all in the
 // same layout.

@@ -34,14 +34,6 @@ constexpr int64_t kStatChunk = 4096;     // elements per statistics chunk (L1)
 constexpr int64_t kReduceChunk = 16384;  // elements per reduction chunk
 constexpr int64_t kBlock = 16384;        // elements per elementwise task
 
-constexpr int num_params(Mode m) {
-  return m == Mode::kForward ? 3 : m == Mode::kBackward ? 6 : m == Mode::kCorrect ? 2 : 5;
-}
-
-constexpr int num_sums(Mode m) {
-  return m == Mode::kCorrect ? 1 : 2;
-}
-
 template <Act ACT, typename V>
 inline V act_fwd(const V& y) {
   if constexpr (ACT == Act::kRelu) {
@@ -344,20 +336,6 @@ void reduce_kernel(const ReduceParams& rp) {
 }
 
 // ------------------------------------------------------------- dispatch
-template <typename F>
-void with_act(Act act, const F& f) {
-  switch (act) {
-    case Act::kRelu:
-      f(std::integral_constant<Act, Act::kRelu>{});
-      break;
-    case Act::kSilu:
-      f(std::integral_constant<Act, Act::kSilu>{});
-      break;
-    default:
-      f(std::integral_constant<Act, Act::kNone>{});
-  }
-}
-
 void stats_cpu(const StatsParams& sp) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, sp.x.scalar_type(), "group_norm_stats_cpu",

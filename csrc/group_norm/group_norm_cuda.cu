@@ -34,14 +34,6 @@ constexpr int64_t kStatChunk = 4096;
 constexpr int64_t kReduceChunk = 4096;
 constexpr int kTileC = 32, kTileR = 8;  // channels_last reduction block
 
-constexpr int num_params(Mode m) {
-  return m == Mode::kForward ? 3 : m == Mode::kBackward ? 6 : m == Mode::kCorrect ? 2 : 5;
-}
-
-constexpr int num_sums(Mode m) {
-  return m == Mode::kCorrect ? 1 : 2;
-}
-
 template <Act ACT, typename A>
 __device__ __forceinline__ A act_fwd(A y) {
   if constexpr (ACT == Act::kRelu) {
@@ -317,20 +309,6 @@ void reduce_launch(const ReduceParams& rp) {
         x, dy, prm, part, g.N, g.C, g.S, rp.K, rp.R, tiles);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename F>
-void with_act(Act act, const F& f) {
-  switch (act) {
-    case Act::kRelu:
-      f(std::integral_constant<Act, Act::kRelu>{});
-      break;
-    case Act::kSilu:
-      f(std::integral_constant<Act, Act::kSilu>{});
-      break;
-    default:
-      f(std::integral_constant<Act, Act::kNone>{});
-  }
 }
 
 void stats_cuda(const StatsParams& sp) {
