@@ -140,6 +140,20 @@ def test_large_mean_small_variance(device, layout, act):
            scale=1e-2, shift=1e3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_groups_larger_than_cache(device, dtype, act):
+    # Contiguous groups over 512 KiB leave the CPU's whole-group path for the
+    # chunked one (statistics workspace, per-plane-chunk sums).
+    _check(device, dtype, (2, 4, 300, 300), 1, "both", act, "contiguous")
+
+
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_large_mean_groups_larger_than_cache(device, act):
+    _check(device, torch.float32, (2, 4, 300, 300), 2, "both", act, "contiguous",
+           scale=1e-2, shift=1e3)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_mean_half_of_groups(device, layout):
     # Groups far from zero next to ordinary ones in the same sample.

@@ -29,8 +29,6 @@ namespace torchfuse::group_norm {
 
 namespace {
 
-constexpr double kMeanTol = 4.0;
-
 bool has(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
@@ -128,6 +126,11 @@ at::Tensor param64(
   return at::full({1, C}, fill, input.options().dtype(at::kDouble));
 }
 
+// weight / bias as a contiguous (C,) tensor of the accumulate type, or undefined.
+at::Tensor acc_param(const std::optional<at::Tensor>& t, const at::Tensor& input) {
+  return has(t) ? t->to(acc_type(input)).contiguous() : at::Tensor();
+}
+
 at::Tensor stack_params(at::TensorList ts, const at::Tensor& input) {
   return at::stack(ts).to(acc_type(input)).contiguous();
 }
@@ -165,6 +168,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (M == 0) {  // C == 0: statistics over no elements
     auto nan = at::full({g.N, g.G}, std::numeric_limits<double>::quiet_NaN(), stat_opts);
     return {out, nan, nan.clone()};
+  }
+
+  const int64_t esize = static_cast<int64_t>(x.element_size());
+  if (!g.cl && launch.fused_fwd != nullptr && M * esize <= launch.fused_bytes) {
+    FusedParams fp;
+    fp.x = x;
+    fp.out = out;
+    fp.weight = acc_param(weight, input);
+    fp.bias = acc_param(bias, input);
+    fp.mean = at::empty({g.N, g.G}, stat_opts);
+    fp.rstd = at::empty({g.N, g.G}, stat_opts);
+    fp.geo = g;
+    fp.eps = eps;
+    fp.act = act;
+    launch.fused_fwd(fp);
+    return {out, fp.mean, fp.rstd};
   }
 
   // Stage 1: per-chunk centred partial statistics.
@@ -248,13 +267,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(fmt));
   const auto f64 = input.options().dtype(at::kDouble);
   auto finish = [&](const at::Tensor& dw, const at::Tensor& db) {
-    at::Tensor gw = weight_grad ? dw.to(weight->scalar_type()) : at::empty({0}, input.options());
-    at::Tensor gb = bias_grad ? db.to(bias->scalar_type()) : at::empty({0}, input.options());
+    // copy=true: dw and db may be views of one buffer; outputs must not alias.
+    at::Tensor gw = weight_grad ? dw.to(weight->scalar_type(), false, true)
+                                : at::empty({0}, input.options());
+    at::Tensor gb = bias_grad ? db.to(bias->scalar_type(), false, true)
+                              : at::empty({0}, input.options());
     return std::tuple<at::Tensor, at::Tensor, at::Tensor>{dx, gw, gb};
   };
   if (x.numel() == 0) {
     dx.zero_();
     return finish(at::zeros({g.C}, f64), at::zeros({g.C}, f64));
+  }
+
+  const int64_t esize = static_cast<int64_t>(x.element_size());
+  if (!g.cl && launch.fused_bwd != nullptr && 2 * g.D * g.S * esize <= launch.fused_bytes) {
+    FusedParams fp;
+    fp.x = x;
+    fp.dy = dy;
+    fp.out = dx;
+    fp.weight = acc_param(weight, input);
+    fp.bias = acc_param(bias, input);
+    fp.mean = mean.contiguous();
+    fp.rstd = rstd.contiguous();
+    fp.sums = at::empty({2, g.N, g.C}, input.options().dtype(acc_type(input)));
+    fp.geo = g;
+    fp.act = act;
+    launch.fused_bwd(fp);
+    const at::Tensor sums = fp.sums.to(at::kDouble).sum(1);  // fixed order over n
+    return finish(sums[1], sums[0]);
   }
 
   ReduceParams rp;

@@ -96,6 +96,22 @@ struct ReduceParams {
   Act act = Act::kNone;
 };
 
+// Whole-group kernels for contiguous input whose groups fit in a core's
+// cache: one task per (n, g) runs every pass over the group back to back, so
+// the data is read from memory once. weight, bias: (C,) accumulate type or
+// undefined; mean, rstd: (N, G) accumulate type (outputs of the forward,
+// inputs of the backward).
+//   forward: statistics as StatsParams (chunks of stat_chunk), combined in
+//     float64, then out = act(...) as kForward.
+//   backward: the kCorrect, kGrad and kBackward passes of one group; sums
+//     (2, N, C) receives the per-(n, c) sums of g and g * xhat.
+struct FusedParams {
+  at::Tensor x, dy, out, weight, bias, mean, rstd, sums;
+  Geometry geo;
+  double eps = 0;
+  Act act = Act::kNone;
+};
+
 struct Launchers {
   void (*stats)(const StatsParams&);
   void (*pointwise)(const PointwiseParams&);
@@ -103,7 +119,14 @@ struct Launchers {
   int64_t stat_chunk;    // elements per statistics chunk
   bool cl_per_group;     // cl statistics chunks count D (true) or C channels
   int64_t reduce_chunk;  // elements per reduction chunk (R * C, or R planar)
+  void (*fused_fwd)(const FusedParams&) = nullptr;  // optional
+  void (*fused_bwd)(const FusedParams&) = nullptr;
+  int64_t fused_bytes = 0;  // largest group (bytes of x, plus dy) to fuse
 };
+
+// Whether |mean| * rstd is large enough for the float32 mean's rounding to
+// matter (see group_norm.cpp).
+constexpr double kMeanTol = 4.0;
 
 Act parse_activation(std::string_view name, const char* op);
 

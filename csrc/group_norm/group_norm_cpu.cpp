@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -91,6 +93,39 @@ inline void mask_pair(V& a, V& b, int64_t n) {
 }
 
 // ------------------------------------------------------------- statistics
+// Two-pass centred statistics of cnt contiguous elements (cache-resident for
+// the second pass): (mean, sum of squared deviations), in float64.
+template <typename T>
+std::pair<double, double> chunk_stats(const T* base, int64_t cnt) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  V s0(0), s1(0);
+  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+    V a, b;
+    IO::load(base + j, c, a, b);
+    s0 = s0 + a;
+    s1 = s1 + b;
+  });
+  const A m0 = reduce_sum(s0 + s1) / static_cast<A>(cnt);
+  const V vm(m0);
+  V e0(0), e1(0), q0(0), q1(0);
+  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+    V a, b;
+    IO::load(base + j, c, a, b);
+    a = a - vm;
+    b = b - vm;
+    mask_pair(a, b, c);
+    e0 = e0 + a;
+    e1 = e1 + b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+  });
+  const double n = static_cast<double>(cnt), sd = reduce_sum(e0 + e1);
+  return {static_cast<double>(m0) + sd / n, static_cast<double>(reduce_sum(q0 + q1)) - sd * sd / n};
+}
+
 template <typename T>
 void stats_kernel(const StatsParams& sp) {
   using IO = VecIO<T>;
@@ -114,30 +149,9 @@ void stats_kernel(const StatsParams& sp) {
     at::parallel_for(0, g.N * g.G * K, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t k = t % K;
-        const T* base = x + (t / K) * M + k * L;
-        const int64_t cnt = std::min(L, M - k * L);
-        V s0(0), s1(0);
-        for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
-          V a, b;
-          IO::load(base + j, c, a, b);
-          s0 = s0 + a;
-          s1 = s1 + b;
-        });
-        const A m0 = reduce_sum(s0 + s1) / static_cast<A>(cnt);
-        const V vm(m0);
-        V e0(0), e1(0), q0(0), q1(0);
-        for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
-          V a, b;
-          IO::load(base + j, c, a, b);
-          a = a - vm;
-          b = b - vm;
-          mask_pair(a, b, c);
-          e0 = e0 + a;
-          e1 = e1 + b;
-          q0 = at::vec::fmadd(a, a, q0);
-          q1 = at::vec::fmadd(b, b, q1);
-        });
-        write((t / K) * K + k, m0, reduce_sum(e0 + e1), reduce_sum(q0 + q1), cnt);
+        const auto [mean, m2] = chunk_stats(x + (t / K) * M + k * L, std::min(L, M - k * L));
+        mk[t] = mean;
+        m2k[t] = m2;
       }
     });
     return;
@@ -194,6 +208,46 @@ void stats_kernel(const StatsParams& sp) {
 }
 
 // ------------------------------------------------------------ elementwise
+// One contiguous run of n elements of a single channel (coefficients p
+// broadcast): out = the MODE's elementwise formula.
+template <typename T, Mode MODE, Act ACT>
+void plane_apply(const T* x, const T* dy, T* out, int64_t n,
+                 const typename VecIO<T>::AVec* p) {
+  using IO = VecIO<T>;
+  using V = typename IO::AVec;
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+    V x0, x1, d0(0), d1(0);
+    IO::load(x + j, c, x0, x1);
+    if constexpr (MODE == Mode::kBackward) IO::load(dy + j, c, d0, d1);
+    IO::store(out + j, pointwise_op<MODE, ACT>(x0, d0, p), pointwise_op<MODE, ACT>(x1, d1, p), c);
+  });
+}
+
+// The MODE's per-channel sums over one contiguous run of n elements of a
+// single channel, into q[0 .. num_sums(MODE)).
+template <typename T, Mode MODE, Act ACT>
+void plane_sums(const T* x, const T* dy, int64_t n, const typename VecIO<T>::AVec* p,
+                typename VecIO<T>::A* q) {
+  using IO = VecIO<T>;
+  using V = typename IO::AVec;
+  constexpr int NQ = num_sums(MODE);
+  V acc0[NQ], acc1[NQ];
+  for (int i = 0; i < NQ; ++i) acc0[i] = acc1[i] = V(0);
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+    V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+    IO::load(x + j, c, x0, x1);
+    if constexpr (MODE == Mode::kGrad) IO::load(dy + j, c, d0, d1);
+    reduce_op<MODE, ACT>(x0, d0, p, q0);
+    reduce_op<MODE, ACT>(x1, d1, p, q1);
+    for (int i = 0; i < NQ; ++i) {
+      mask_pair(q0[i], q1[i], c);
+      acc0[i] = acc0[i] + q0[i];
+      acc1[i] = acc1[i] + q1[i];
+    }
+  });
+  for (int i = 0; i < NQ; ++i) q[i] = reduce_sum(acc0[i] + acc1[i]);
+}
+
 template <typename T, Mode MODE, Act ACT>
 void pointwise_kernel(const PointwiseParams& pp) {
   using IO = VecIO<T>;
@@ -225,7 +279,8 @@ void pointwise_kernel(const PointwiseParams& pp) {
         V p[NP];
         for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
         const int64_t base = plane * S + j0;
-        for_each_step<kS>(j1 - j0, [&](int64_t j, int64_t c) { step(base + j, c, p, p); });
+        plane_apply<T, MODE, ACT>(x + base, dy == nullptr ? nullptr : dy + base, out + base,
+                                  j1 - j0, p);
       }
     });
     return;
@@ -272,23 +327,11 @@ void reduce_kernel(const ReduceParams& rp) {
         }
         V p[NP];
         for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
-        V acc0[NQ], acc1[NQ];
-        for (int q = 0; q < NQ; ++q) acc0[q] = acc1[q] = V(0);
         const int64_t s0 = k * R, s1 = std::min(S, s0 + R);
         const int64_t base = plane * S + s0;
-        for_each_step<kS>(s1 - s0, [&](int64_t j, int64_t c) {
-          V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
-          IO::load(x + base + j, c, x0, x1);
-          if constexpr (kDy) IO::load(dy + base + j, c, d0, d1);
-          reduce_op<MODE, ACT>(x0, d0, p, q0);
-          reduce_op<MODE, ACT>(x1, d1, p, q1);
-          for (int q = 0; q < NQ; ++q) {
-            mask_pair(q0[q], q1[q], c);
-            acc0[q] = acc0[q] + q0[q];
-            acc1[q] = acc1[q] + q1[q];
-          }
-        });
-        for (int q = 0; q < NQ; ++q) at_part(q, n, k)[ch] = reduce_sum(acc0[q] + acc1[q]);
+        A q[NQ];
+        plane_sums<T, MODE, ACT>(x + base, kDy ? dy + base : nullptr, s1 - s0, p, q);
+        for (int i = 0; i < NQ; ++i) at_part(i, n, k)[ch] = q[i];
       }
     });
     return;
@@ -335,6 +378,114 @@ void reduce_kernel(const ReduceParams& rp) {
   });
 }
 
+// ----------------------------------------------- whole-group (cache-sized)
+template <typename T, Act ACT>
+void fused_fwd_kernel(const FusedParams& fp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  const Geometry& g = fp.geo;
+  const int64_t M = g.D * g.S, S = g.S, D = g.D, L = kStatChunk;
+  const int64_t K = (M + L - 1) / L;
+  const T* x = fp.x.const_data_ptr<T>();
+  T* out = fp.out.mutable_data_ptr<T>();
+  const A* w = fp.weight.defined() ? fp.weight.const_data_ptr<A>() : nullptr;
+  const A* b = fp.bias.defined() ? fp.bias.const_data_ptr<A>() : nullptr;
+  A* mean = fp.mean.mutable_data_ptr<A>();
+  A* rstd = fp.rstd.mutable_data_ptr<A>();
+  at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<double, double>> parts(K);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t base = ng * M, c0 = (ng % g.G) * D;
+      for (int64_t k = 0; k < K; ++k) {
+        parts[k] = chunk_stats(x + base + k * L, std::min(L, M - k * L));
+      }
+      // Combine the chunks in float64, in order (as group_norm.cpp does).
+      double mu = 0, m2 = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        mu += static_cast<double>(std::min(L, M - k * L)) * parts[k].first;
+      }
+      mu /= static_cast<double>(M);
+      for (int64_t k = 0; k < K; ++k) {
+        const double d = parts[k].first - mu;
+        m2 += parts[k].second + static_cast<double>(std::min(L, M - k * L)) * d * d;
+      }
+      const double r = 1.0 / std::sqrt(m2 / static_cast<double>(M) + fp.eps);
+      const A hi = static_cast<A>(mu);
+      const double lo = mu - static_cast<double>(hi);
+      mean[ng] = hi;
+      rstd[ng] = static_cast<A>(r);
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const double a = r * (w != nullptr ? static_cast<double>(w[c]) : 1.0);
+        const double sh = (b != nullptr ? static_cast<double>(b[c]) : 0.0) - lo * a;
+        const V p[3] = {V(hi), V(static_cast<A>(a)), V(static_cast<A>(sh))};
+        const int64_t off = base + (c - c0) * S;
+        plane_apply<T, Mode::kForward, ACT>(x + off, nullptr, out + off, S, p);
+      }
+    }
+  });
+}
+
+template <typename T, Act ACT>
+void fused_bwd_kernel(const FusedParams& fp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  const Geometry& g = fp.geo;
+  const int64_t M = g.D * g.S, S = g.S, D = g.D, NC = g.N * g.C;
+  const double Md = static_cast<double>(M);
+  const T* x = fp.x.const_data_ptr<T>();
+  const T* dy = fp.dy.const_data_ptr<T>();
+  T* dx = fp.out.mutable_data_ptr<T>();
+  const A* w = fp.weight.defined() ? fp.weight.const_data_ptr<A>() : nullptr;
+  const A* b = fp.bias.defined() ? fp.bias.const_data_ptr<A>() : nullptr;
+  const A* mean = fp.mean.const_data_ptr<A>();
+  const A* rstd = fp.rstd.const_data_ptr<A>();
+  A* sums = fp.sums.mutable_data_ptr<A>();
+  at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t base = ng * M, n = ng / g.G, c0 = (ng % g.G) * D;
+      const A hi = mean[ng];
+      const double r = static_cast<double>(rstd[ng]);
+      double off = 0;  // -(mean's low part) * rstd, as group_norm.cpp
+      if (!std::is_same_v<A, double> && std::abs(static_cast<double>(hi) * r) > kMeanTol) {
+        const V p[2] = {V(hi), V(1)};
+        double lo = 0;
+        for (int64_t c = 0; c < D; ++c) {
+          A q;
+          plane_sums<T, Mode::kCorrect, Act::kNone>(x + base + c * S, nullptr, S, p, &q);
+          lo += static_cast<double>(q);
+        }
+        off = -(lo / Md) * r;
+      }
+      double sgw = 0, sgxw = 0;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const double wc = w != nullptr ? static_cast<double>(w[c]) : 1.0;
+        const double bc = b != nullptr ? static_cast<double>(b[c]) : 0.0;
+        const V p[5] = {V(hi), V(static_cast<A>(r * wc)), V(static_cast<A>(off * wc + bc)),
+                        V(static_cast<A>(r)), V(static_cast<A>(off))};
+        const int64_t o = base + (c - c0) * S;
+        A q[2];
+        plane_sums<T, Mode::kGrad, ACT>(x + o, dy + o, S, p, q);
+        sums[n * g.C + c] = q[0];
+        sums[NC + n * g.C + c] = q[1];
+        sgw += wc * static_cast<double>(q[0]);
+        sgxw += wc * static_cast<double>(q[1]);
+      }
+      const double mg = sgw / Md, mgx = sgxw / Md;
+      const A k2 = static_cast<A>(-r * mgx * r), k3 = static_cast<A>(-r * (mg + mgx * off));
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const double wc = w != nullptr ? static_cast<double>(w[c]) : 1.0;
+        const double bc = b != nullptr ? static_cast<double>(b[c]) : 0.0;
+        const V p[6] = {V(hi), V(static_cast<A>(r * wc)), V(static_cast<A>(off * wc + bc)),
+                        V(static_cast<A>(r * wc)), V(k2), V(k3)};
+        const int64_t o = base + (c - c0) * S;
+        plane_apply<T, Mode::kBackward, ACT>(x + o, dy + o, dx + o, S, p);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------- dispatch
 void stats_cpu(const StatsParams& sp) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -368,9 +519,26 @@ void reduce_cpu(const ReduceParams& rp) {
       });
 }
 
+void fused_fwd_cpu(const FusedParams& fp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, fp.x.scalar_type(), "group_norm_fused_cpu", [&] {
+        with_act(fp.act, [&](auto act) { fused_fwd_kernel<scalar_t, decltype(act)::value>(fp); });
+      });
+}
+
+void fused_bwd_cpu(const FusedParams& fp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, fp.x.scalar_type(), "group_norm_fused_backward_cpu", [&] {
+        with_act(fp.act, [&](auto act) { fused_bwd_kernel<scalar_t, decltype(act)::value>(fp); });
+      });
+}
+
 }  // namespace
 
-const Launchers kCpu{stats_cpu, pointwise_cpu, reduce_cpu, kStatChunk, false, kReduceChunk};
+// Groups of up to 512 KiB (x, plus dy in the backward) are processed whole by
+// one task each, so their second and third passes read from L2 (1 MiB here).
+const Launchers kCpu{stats_cpu,    pointwise_cpu, reduce_cpu,    kStatChunk, false,
+                     kReduceChunk, fused_fwd_cpu, fused_bwd_cpu, int64_t{1} << 19};
 
 TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
   m.impl("group_norm", &group_norm_op<kCpu>);
