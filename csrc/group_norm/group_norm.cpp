@@ -23,7 +23,6 @@
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 
-#include <limits>
 
 namespace torchfuse::group_norm {
 
@@ -96,10 +95,13 @@ Geometry check_args(
       ": Expected number of channels in input to be divisible by num_groups, "
       "but got input of shape ", input.sizes(), " and num_groups=", num_groups);
   g.D = g.C / num_groups;
+  // As torch: no channels or no spatial positions is an error even at N == 0.
   TORCH_CHECK(
-      g.N == 0 || g.C == 0 || g.S > 0, op,
-      ": Expected the spatial size of input (HxW) to be greater than 0, but "
-      "got input of shape ", input.sizes());
+      g.C > 0, op, ": Expected number of channels in input to be greater than 0, "
+      "but got input of shape ", input.sizes());
+  TORCH_CHECK(
+      g.S > 0, op, ": Expected the spatial size of input (HxW) to be greater than "
+      "0, but got input of shape ", input.sizes());
   check_param(op, "weight", weight, input, g.C);
   check_param(op, "bias", bias, input, g.C);
   g.cl = layout_of(input) != at::MemoryFormat::Contiguous;
@@ -164,11 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (g.N * g.G == 0) {
     return {out, at::empty({g.N, g.G}, stat_opts), at::empty({g.N, g.G}, stat_opts)};
   }
-  const int64_t M = g.D * g.S;
-  if (M == 0) {  // C == 0: statistics over no elements
-    auto nan = at::full({g.N, g.G}, std::numeric_limits<double>::quiet_NaN(), stat_opts);
-    return {out, nan, nan.clone()};
-  }
+  const int64_t M = g.D * g.S;  // > 0 (checked)
 
   const int64_t esize = static_cast<int64_t>(x.element_size());
   if (!g.cl && launch.fused_fwd != nullptr && M * esize <= launch.fused_bytes) {
