@@ -148,6 +148,20 @@ def test_groups_larger_than_cache(device, dtype, act):
     _check(device, dtype, (2, 4, 300, 300), 1, "both", act, "contiguous")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_channels_last_many_chunks(device, dtype, act):
+    # Several row chunks per sample (statistics and sums combined across
+    # chunks), a partial last chunk and row block, a partial channel step.
+    _check(device, dtype, (2, 72, 45, 41), 8, "both", act, "channels_last")
+
+
+@pytest.mark.parametrize("act", [None, "silu"], ids=str)
+def test_large_mean_channels_last_many_chunks(device, act):
+    _check(device, torch.float32, (2, 72, 45, 41), 8, "both", act, "channels_last",
+           scale=1e-2, shift=1e3)
+
+
 @pytest.mark.parametrize("act", ACTS, ids=str)
 def test_large_mean_groups_larger_than_cache(device, act):
     _check(device, torch.float32, (2, 4, 300, 300), 2, "both", act, "contiguous",

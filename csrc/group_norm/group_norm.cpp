@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     cnt.select(0, sp.K - 1).fill_(static_cast<double>(M - (sp.K - 1) * sp.L));
   } else {
     const int64_t width = launch.cl_per_group ? g.D : g.C;
-    sp.R = std::max<int64_t>(1, launch.stat_chunk / width);
+    sp.R = std::max<int64_t>(1, launch.stat_chunk_cl / width);
     sp.K = (g.S + sp.R - 1) / sp.R;
     cnt = at::full({sp.K}, static_cast<double>(sp.R * g.D), f64);
     cnt.select(0, sp.K - 1).fill_(static_cast<double>((g.S - (sp.K - 1) * sp.R) * g.D));

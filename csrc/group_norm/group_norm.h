@@ -116,7 +116,8 @@ struct Launchers {
   void (*stats)(const StatsParams&);
   void (*pointwise)(const PointwiseParams&);
   void (*reduce)(const ReduceParams&);
-  int64_t stat_chunk;    // elements per statistics chunk
+  int64_t stat_chunk;    // elements per statistics chunk (contiguous input)
+  int64_t stat_chunk_cl; // elements per statistics chunk (channels_last)
   bool cl_per_group;     // cl statistics chunks count D (true) or C channels
   int64_t reduce_chunk;  // elements per reduction chunk (R * C, or R planar)
   void (*fused_fwd)(const FusedParams&) = nullptr;  // optional

@@ -32,9 +32,14 @@ using cpu::for_each_step;
 using cpu::reduce_sum;
 using cpu::VecIO;
 
-constexpr int64_t kStatChunk = 4096;     // elements per statistics chunk (L1)
-constexpr int64_t kReduceChunk = 16384;  // elements per reduction chunk
+// Elements per chunk. Contiguous statistics: L1-sized, one group. The
+// channels_last chunks span all channels of a sample's rows, with O(C) scalar
+// work per chunk: L2-sized, so that it stays small beside the vector work.
+constexpr int64_t kStatChunk = 4096;
+constexpr int64_t kStatChunkCl = 65536;
+constexpr int64_t kReduceChunk = 65536;
 constexpr int64_t kBlock = 16384;        // elements per elementwise task
+constexpr int64_t kRows = 16;            // channels_last rows per register block
 
 template <Act ACT, typename V>
 inline V act_fwd(const V& y) {
@@ -167,12 +172,17 @@ void stats_kernel(const StatsParams& sp) {
       const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
       const T* xs = x + n * S * C;
       std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t ra = r0; ra < r1; ra += kRows) {
+        const int64_t rb = std::min(r1, ra + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
-          V a, b, u, v;
-          IO::load(xs + r * C + c0, c, a, b);
-          AccIO<A>::load(acc.data() + c0, c, u, v);
-          AccIO<A>::store(acc.data() + c0, u + a, v + b, c);
+          V a, b, u(0), v(0), su, sv;
+          for (int64_t r = ra; r < rb; ++r) {
+            IO::load(xs + r * C + c0, c, a, b);
+            u = u + a;
+            v = v + b;
+          }
+          AccIO<A>::load(acc.data() + c0, c, su, sv);
+          AccIO<A>::store(acc.data() + c0, su + u, sv + v, c);
         });
       }
       const int64_t cnt = (r1 - r0) * D;
@@ -184,17 +194,24 @@ void stats_kernel(const StatsParams& sp) {
       }
       std::fill(s1.begin(), s1.end(), A(0));
       std::fill(s2.begin(), s2.end(), A(0));
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t ra = r0; ra < r1; ra += kRows) {
+        const int64_t rb = std::min(r1, ra + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
-          V a, b, ma, mb, u, v, p, q;
-          IO::load(xs + r * C + c0, c, a, b);
+          V a, b, ma, mb, u(0), v(0), p(0), q(0), su, sv;
           AccIO<A>::load(mv.data() + c0, c, ma, mb);
-          a = a - ma;
-          b = b - mb;
-          AccIO<A>::load(s1.data() + c0, c, u, v);
-          AccIO<A>::store(s1.data() + c0, u + a, v + b, c);
-          AccIO<A>::load(s2.data() + c0, c, p, q);
-          AccIO<A>::store(s2.data() + c0, at::vec::fmadd(a, a, p), at::vec::fmadd(b, b, q), c);
+          for (int64_t r = ra; r < rb; ++r) {
+            IO::load(xs + r * C + c0, c, a, b);
+            a = a - ma;
+            b = b - mb;
+            u = u + a;
+            v = v + b;
+            p = at::vec::fmadd(a, a, p);
+            q = at::vec::fmadd(b, b, q);
+          }
+          AccIO<A>::load(s1.data() + c0, c, su, sv);
+          AccIO<A>::store(s1.data() + c0, su + u, sv + v, c);
+          AccIO<A>::load(s2.data() + c0, c, su, sv);
+          AccIO<A>::store(s2.data() + c0, su + p, sv + q, c);
         });
       }
       for (int64_t gi = 0; gi < G; ++gi) {
@@ -287,15 +304,20 @@ void pointwise_kernel(const PointwiseParams& pp) {
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kBlock / C);
+  // Blocks of up to kRows rows of one sample: each channel step's
+  // coefficients are loaded once per block.
+  const int64_t grain = std::max<int64_t>(kRows, kBlock / C);
   at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const A* pn = prm + (r / S) * C;
+    for (int64_t r0 = begin; r0 < end;) {
+      const int64_t n = r0 / S;
+      const int64_t r1 = std::min({end, r0 + kRows, (n + 1) * S});
+      const A* pn = prm + n * C;
       for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
         V p0[NP], p1[NP];
         for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
-        step(r * C + c0, c, p0, p1);
+        for (int64_t r = r0; r < r1; ++r) step(r * C + c0, c, p0, p1);
       });
+      r0 = r1;
     }
   });
 }
@@ -350,20 +372,31 @@ void reduce_kernel(const ReduceParams& rp) {
         skip = std::all_of(pn + NC, pn + NC + C, [](A v) { return v == A(0); });
       }
       const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t row = (n * S + s) * C;
+      // Blocks of kRows rows: coefficients loaded and sums kept in registers
+      // per channel step for the whole block.
+      for (int64_t sa = s0; sa < s1; sa += kRows) {
+        const int64_t sb = std::min(s1, sa + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
-          V p0[NP], p1[NP], x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+          V p0[NP], p1[NP], a0[NQ], a1[NQ];
           for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
-          IO::load(x + row + c0, c, x0, x1);
-          if constexpr (kDy) IO::load(dy + row + c0, c, d0, d1);
-          reduce_op<MODE, ACT>(x0, d0, p0, q0);
-          reduce_op<MODE, ACT>(x1, d1, p1, q1);
+          for (int q = 0; q < NQ; ++q) a0[q] = a1[q] = V(0);
+          for (int64_t s = sa; s < sb; ++s) {
+            const int64_t row = (n * S + s) * C;
+            V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+            IO::load(x + row + c0, c, x0, x1);
+            if constexpr (kDy) IO::load(dy + row + c0, c, d0, d1);
+            reduce_op<MODE, ACT>(x0, d0, p0, q0);
+            reduce_op<MODE, ACT>(x1, d1, p1, q1);
+            for (int q = 0; q < NQ; ++q) {
+              a0[q] = a0[q] + q0[q];
+              a1[q] = a1[q] + q1[q];
+            }
+          }
           for (int q = 0; q < NQ; ++q) {
             V u, v;
             A* a = acc.data() + q * C + c0;
             AccIO<A>::load(a, c, u, v);
-            AccIO<A>::store(a, u + q0[q], v + q1[q], c);
+            AccIO<A>::store(a, u + a0[q], v + a1[q], c);
           }
         });
       }
@@ -539,8 +572,9 @@ void fused_bwd_cpu(const FusedParams& fp) {
 
 // Groups of up to 512 KiB (x, plus dy in the backward) are processed whole by
 // one task each, so their second and third passes read from L2 (1 MiB here).
-const Launchers kCpu{stats_cpu,    pointwise_cpu, reduce_cpu,    kStatChunk, false,
-                     kReduceChunk, fused_fwd_cpu, fused_bwd_cpu, int64_t{1} << 19};
+const Launchers kCpu{stats_cpu,    pointwise_cpu, reduce_cpu,    kStatChunk,
+                     kStatChunkCl, false,         kReduceChunk,  fused_fwd_cpu,
+                     fused_bwd_cpu, int64_t{1} << 19};
 
 TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
   m.impl("group_norm", &group_norm_op<kCpu>);

@@ -350,7 +350,8 @@ void reduce_cuda(const ReduceParams& rp) {
 
 // Statistics chunks of ~4096 elements of one group (cl: R = 4096 / D rows);
 // reduction chunks of 4096 positions (cl: 4096 / C rows).
-const Launchers kCuda{stats_cuda, pointwise_cuda, reduce_cuda, kStatChunk, true, kReduceChunk};
+const Launchers kCuda{stats_cuda, pointwise_cuda, reduce_cuda, kStatChunk, kStatChunk, true,
+                      kReduceChunk};
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
   m.impl("group_norm", &group_norm_op<kCuda>);
