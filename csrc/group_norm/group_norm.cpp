@@ -23,7 +23,6 @@
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 
-
 namespace torchfuse::group_norm {
 
 namespace {
