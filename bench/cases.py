@@ -78,6 +78,60 @@ def rms_norm_cases() -> list[Case]:
     return cases
 
 
+# ---------------------------------------------------------------- GroupNorm
+# 32 groups everywhere: Stable Diffusion UNet blocks (batch 2, CFG), the VAE
+# decoder at batch 1 (its 512x512 full-resolution stage last: the slowest
+# case), and a detection FPN/head (8x256x56x56). Eager baseline: F.group_norm
+# (+ F.silu), the pattern every diffusion ResNet block runs.
+GN_SHAPES = [("sd-unet", 2, 1280, 16), ("sd-unet", 2, 640, 32), ("sd-unet", 2, 320, 64),
+             ("vae-dec", 1, 512, 64), ("detection", 8, 256, 56), ("vae-dec", 1, 128, 512)]
+
+
+def _gn_inputs(N, C, HW, channels_last):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return {
+            "x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype)
+            .contiguous(memory_format=fmt).requires_grad_(),
+            "weight": (1 + 0.1 * torch.randn(C, generator=g)).to(device, dtype).requires_grad_(),
+            "bias": (0.1 * torch.randn(C, generator=g)).to(device, dtype).requires_grad_(),
+        }
+
+    return make
+
+
+def _tf_gn(act):
+    return lambda x, weight, bias: F.group_norm(x, 32, weight, bias, 1e-5, act)
+
+
+def _eager_gn(act):
+    if act == "silu":
+        return lambda x, weight, bias: TF.silu(TF.group_norm(x, 32, weight, bias, 1e-5))
+    return lambda x, weight, bias: TF.group_norm(x, 32, weight, bias, 1e-5)
+
+
+def group_norm_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for label, N, C, HW in GN_SHAPES:
+            for cl in (False, True):
+                for act in (None, "silu"):
+                    nbytes = N * C * HW * HW * _size(dtype)
+                    tags = {"layout": "channels_last"} if cl else {}
+                    if act:
+                        tags["act"] = act
+                    cases.append(Case(
+                        op="group_norm", name=f"{label} {N}x{C}x{HW}x{HW} g=32", dtype=dtype,
+                        make_inputs=_gn_inputs(N, C, HW, cl), torchfuse=_tf_gn(act),
+                        eager=_eager_gn(act), grad_inputs=("x", "weight", "bias"),
+                        bytes_fwd=2 * nbytes,  # read x, write out
+                        bytes_bwd=3 * nbytes,  # read dy, x; write dx
+                        tags=tags,
+                    ))
+    return cases
+
+
 # ----------------------------------------------------------- channel shuffle
 # ShuffleNetV2 (1x) stage tails: cat of two halves, then channel_shuffle(., 2);
 # ShuffleNetV1 stage-2 units with g = 3 (240 channels) and g = 8 (384).
@@ -285,6 +339,7 @@ def l2_norm_cases() -> list[Case]:
 
 CASES: list[Case] = [
     *rms_norm_cases(),
+    *group_norm_cases(),
     *channel_shuffle_cases(),
     *lrn_cases(),
     *l2_norm_cases(),

@@ -28,6 +28,23 @@ TORCH_LIBRARY(torchfuse, m) {
       "Tensor rstd, int[] normalized_shape, Tensor? weight, bool weight_grad) "
       "-> (Tensor grad_input, Tensor grad_weight)",
       tags);
+  // --- GroupNorm (csrc/group_norm) ------------------------------------------
+  // activation: "none", "relu" or "silu", applied in the same pass. mean and
+  // rstd: (N, num_groups) in float32 (float64 for float64 input); out (and
+  // grad_input) in input's memory format (contiguous or channels_last(_3d)).
+  m.def(
+      "group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, "
+      "float eps, str activation) -> (Tensor out, Tensor mean, Tensor rstd)",
+      tags);
+  // The activation is differentiated from y recomputed out of input, mean,
+  // rstd, weight and bias. grad_weight / grad_bias are empty tensors unless
+  // weight_grad / bias_grad.
+  m.def(
+      "group_norm_backward(Tensor grad_out, Tensor input, Tensor mean, "
+      "Tensor rstd, int num_groups, Tensor? weight, Tensor? bias, "
+      "str activation, bool weight_grad, bool bias_grad) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      tags);
   // --- Channel shuffle (csrc/channel_shuffle) ------------------------------
   // Any dtype (a permutation). cat_shuffle = channel_shuffle(cat(tensors, 1),
   // groups) in one pass; its backward writes every piece's gradient in one

@@ -15,6 +15,7 @@ from . import nn as tfnn
 # keep it). Exact types only: a user's subclass may override forward.
 CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module | None]] = {
     torch.nn.RMSNorm: tfnn.RMSNorm.from_torch,
+    torch.nn.GroupNorm: tfnn.GroupNorm.from_torch,
     torch.nn.ChannelShuffle: tfnn.ChannelShuffle.from_torch,
     torch.nn.LocalResponseNorm: tfnn.LocalResponseNorm.from_torch,
 }
@@ -24,7 +25,8 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """Returns ``module`` with every supported layer replaced by its torchfuse
     counterpart, sharing the same parameters and buffers.
 
-    Supported today: ``torch.nn.RMSNorm``, ``torch.nn.ChannelShuffle``,
+    Supported today: ``torch.nn.RMSNorm``, ``torch.nn.GroupNorm`` (activation
+    None), ``torch.nn.ChannelShuffle``,
     ``torch.nn.LocalResponseNorm``; torchvision's ShuffleNetV2
     ``InvertedResidual`` (cat + shuffle tail fused into ``cat_shuffle``) and SSD
     VGG L2 scale (``SSDFeatureExtractorVGG``: ``F.normalize(x) * scale_weight``

@@ -18,6 +18,7 @@ from ._ops import use_kernel
 __all__ = [
     "rms_norm",
     "add_rms_norm",
+    "group_norm",
     "channel_shuffle",
     "cat_shuffle",
     "local_response_norm",
@@ -83,6 +84,56 @@ def add_rms_norm(
         input, residual, normalized_shape, weight, float(eps)
     )
     return out, summed
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Group normalization with an optional fused activation.
+
+    ``out = act((x - mean) / sqrt(var + eps) * weight[c] + bias[c])``, mean and
+    (biased) var over each sample's group of ``C // num_groups`` channels and
+    every spatial position; ``act`` is ``None``, ``"relu"`` or ``"silu"``,
+    applied in the same pass. Same contract as
+    :func:`torch.nn.functional.group_norm`: ``input (N, C, *)``, ``weight``
+    and ``bias`` of shape ``(C,)`` or None. Statistics in float32 (float64 for
+    float64 input), centred; a channels_last (4-D) or channels_last_3d (5-D)
+    input gives an output in the same memory format, with no layout copy. The
+    backward recomputes the activation's input from the saved statistics.
+    """
+    fn = "group_norm"
+    check.tensor(input, fn, "input")
+    check.integer(num_groups, fn, "num_groups", 2)
+    check.tensor(weight, fn, "weight", optional=True)
+    check.tensor(bias, fn, "bias", optional=True)
+    check.number(eps, fn, "eps")
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(
+            f"{fn}(): argument 'activation' must be str or None, not {type(activation).__name__}")
+    if activation not in (None, "relu", "silu"):
+        raise ValueError(f"{fn}: activation must be None, 'relu' or 'silu', got {activation!r}")
+    check.floating(input, fn)
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"{fn}: Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    if num_groups == 0:  # torch's F.group_norm divides by it first
+        raise ZeroDivisionError(f"{fn}: num_groups must be greater than 0, got 0")
+    spatial = 1
+    for s in input.shape[2:]:
+        spatial *= s
+    if input.shape[0] * input.shape[1] // num_groups * spatial == 1:  # as torch's check
+        raise ValueError(
+            f"{fn}: Expected more than 1 value per channel when training, got input size "
+            f"{list(input.shape)} with num_groups={num_groups}")
+    if not use_kernel("group_norm", input.device):
+        return reference.group_norm(input, num_groups, weight, bias, eps, activation)
+    return torch.ops.torchfuse.group_norm(
+        input, int(num_groups), weight, bias, float(eps), activation or "none")[0]
 
 
 def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from . import functional as F
 
 __all__ = [
     "RMSNorm",
+    "GroupNorm",
     "ChannelShuffle",
     "LocalResponseNorm",
     "SpatialResponseNorm",
@@ -47,6 +48,30 @@ class RMSNorm(_DropIn, torch.nn.RMSNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class GroupNorm(_DropIn, torch.nn.GroupNorm):
+    """:class:`torch.nn.GroupNorm` computed by torchfuse's fused kernels, with
+    an optional fused ``activation`` (``None``, ``"relu"`` or ``"silu"``)."""
+
+    activation: str | None = None  # also the default for from_torch()
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None,
+                 activation: str | None = None) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        if activation not in (None, "relu", "silu"):
+            raise ValueError(
+                f"GroupNorm: activation must be None, 'relu' or 'silu', got {activation!r}")
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                            self.activation)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return base if self.activation is None else f"{base}, activation={self.activation!r}"
 
 
 class ChannelShuffle(_DropIn, torch.nn.ChannelShuffle):

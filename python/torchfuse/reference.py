@@ -17,6 +17,7 @@ __all__ = [
     "cat_shuffle",
     "rms_norm",
     "add_rms_norm",
+    "group_norm",
     "local_response_norm",
     "spatial_response_norm",
     "l2_norm",
@@ -56,6 +57,48 @@ def add_rms_norm(
     """(rms_norm(input + residual), input + residual)."""
     summed = input + residual
     return rms_norm(summed, normalized_shape, weight, eps), summed
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """act((x - mean) / sqrt(var + eps) * weight[c] + bias[c]), mean and (biased)
+    var over each sample's group of C // num_groups channels and all spatial
+    positions; act is None, "relu" or "silu". Same memory format as the
+    kernels: channels_last(_3d) input gives channels_last(_3d) output."""
+    n, c = input.shape[0], input.shape[1]
+    x = input.to(_acc(input.dtype)).reshape(n, num_groups, -1)
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    y = ((x - mean) * torch.rsqrt(var + eps)).reshape(input.shape)
+    shape = (1, c) + (1,) * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "silu":
+        y = torch.nn.functional.silu(y)
+    elif activation is not None:
+        raise ValueError(f"group_norm: unknown activation {activation!r}")
+    return y.to(input.dtype).contiguous(memory_format=kept_format(input))
+
+
+def kept_format(input: torch.Tensor) -> torch.memory_format:
+    """The memory format group_norm keeps: channels_last(_3d) when the input
+    already is (and is not also contiguous), else contiguous."""
+    if not input.is_contiguous():
+        if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:

@@ -91,6 +91,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # Registrations (after the helpers above, which they use).
 from . import (  # noqa: E402, F401
     channel_shuffle,
+    group_norm,
     l2_norm,
     lrn,
     rms_norm,

@@ -1,0 +1,584 @@
+// GroupNorm CPU kernels (at::vec, at::parallel_for) and the CPU registration.
+// Checks, allocation, formulas and the (N, C)-sized algebra: group_norm.cpp.
+//
+// Both layouts are read in place. Planar (contiguous) input: statistics per
+// contiguous chunk of a group, per-channel sums per plane chunk, elementwise
+// passes per plane chunk with the channel's coefficients broadcast.
+// channels_last input: rows of C channels; statistics and per-channel sums
+// per chunk of rows of one sample (all groups at once, with per-channel
+// accumulators), elementwise passes row by row with coefficient vectors.
+// Every chunking is a function of the shape only, and partial results are
+// combined in a fixed order: results do not depend on the thread count.
+#include "group_norm.h"
+
+#include "../common/cpu_vec.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <type_traits>
+#include <vector>
+
+namespace torchfuse::group_norm {
+
+namespace {
+
+using cpu::AccIO;
+using cpu::for_each_step;
+using cpu::reduce_sum;
+using cpu::VecIO;
+
+// Elements per chunk. Contiguous statistics: L1-sized, one group. The
+// channels_last chunks span all channels of a sample's rows, with O(C) scalar
+// work per chunk: L2-sized, so that it stays small beside the vector work.
+constexpr int64_t kStatChunk = 4096;
+constexpr int64_t kStatChunkCl = 65536;
+constexpr int64_t kReduceChunk = 65536;
+constexpr int64_t kBlock = 16384;        // elements per elementwise task
+constexpr int64_t kRows = 16;            // channels_last rows per register block
+
+template <Act ACT, typename V>
+inline V act_fwd(const V& y) {
+  if constexpr (ACT == Act::kRelu) {
+    return at::vec::maximum(y, V(0));
+  } else if constexpr (ACT == Act::kSilu) {
+    // exp_u20: ATen's fast exp (within 20 ulp, ~2e-6 relative for float;
+    // the exact exp for double), as its own softmax kernels use.
+    return y / (V(1) + y.neg().exp_u20());
+  } else {
+    return y;
+  }
+}
+
+// dy * act'(y)
+template <Act ACT, typename V>
+inline V act_grad(const V& dy, const V& y) {
+  if constexpr (ACT == Act::kRelu) {
+    return V::blendv(V(0), dy, y > V(0));
+  } else if constexpr (ACT == Act::kSilu) {
+    const V s = V(1) / (V(1) + y.neg().exp_u20());
+    return dy * s * (V(1) + y * (V(1) - s));
+  } else {
+    return dy;
+  }
+}
+
+template <Mode MODE, Act ACT, typename V>
+inline V pointwise_op(const V& x, const V& dy, const V* p) {
+  const V d = x - p[0];
+  if constexpr (MODE == Mode::kForward) {
+    return act_fwd<ACT>(at::vec::fmadd(d, p[1], p[2]));
+  } else {
+    const V g = act_grad<ACT>(dy, at::vec::fmadd(d, p[1], p[2]));
+    return at::vec::fmadd(p[3], g, at::vec::fmadd(p[4], d, p[5]));
+  }
+}
+
+template <Mode MODE, Act ACT, typename V>
+inline void reduce_op(const V& x, const V& dy, const V* p, V* q) {
+  const V d = x - p[0];
+  if constexpr (MODE == Mode::kCorrect) {
+    q[0] = d;
+  } else {
+    const V g = act_grad<ACT>(dy, at::vec::fmadd(d, p[1], p[2]));
+    q[0] = g;
+    q[1] = g * at::vec::fmadd(d, p[3], p[4]);
+  }
+}
+
+// Zeroes the lanes of a (first, second) pair beyond the first n elements.
+template <typename V>
+inline void mask_pair(V& a, V& b, int64_t n) {
+  constexpr int64_t kSize = V::size();
+  if (n >= 2 * kSize) return;
+  a = V::set(V(0), a, std::min(n, kSize));
+  b = V::set(V(0), b, std::max<int64_t>(0, n - kSize));
+}
+
+// ------------------------------------------------------------- statistics
+// Two-pass centred statistics of cnt contiguous elements (cache-resident for
+// the second pass): (mean, sum of squared deviations), in float64.
+template <typename T>
+std::pair<double, double> chunk_stats(const T* base, int64_t cnt) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  V s0(0), s1(0);
+  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+    V a, b;
+    IO::load(base + j, c, a, b);
+    s0 = s0 + a;
+    s1 = s1 + b;
+  });
+  const A m0 = reduce_sum(s0 + s1) / static_cast<A>(cnt);
+  const V vm(m0);
+  V e0(0), e1(0), q0(0), q1(0);
+  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+    V a, b;
+    IO::load(base + j, c, a, b);
+    a = a - vm;
+    b = b - vm;
+    mask_pair(a, b, c);
+    e0 = e0 + a;
+    e1 = e1 + b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+  });
+  const double n = static_cast<double>(cnt), sd = reduce_sum(e0 + e1);
+  return {static_cast<double>(m0) + sd / n, static_cast<double>(reduce_sum(q0 + q1)) - sd * sd / n};
+}
+
+template <typename T>
+void stats_kernel(const StatsParams& sp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  const Geometry& g = sp.geo;
+  const int64_t M = g.D * g.S, K = sp.K;
+  const T* x = sp.x.const_data_ptr<T>();
+  double* mk = sp.mean_k.mutable_data_ptr<double>();
+  double* m2k = sp.m2_k.mutable_data_ptr<double>();
+
+  auto write = [&](int64_t idx, A m0, A sd, A sq, int64_t cnt) {
+    const double c = static_cast<double>(cnt), s = sd;
+    mk[idx] = static_cast<double>(m0) + s / c;
+    m2k[idx] = static_cast<double>(sq) - s * s / c;
+  };
+
+  if (!g.cl) {
+    const int64_t L = sp.L;
+    at::parallel_for(0, g.N * g.G * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t k = t % K;
+        const auto [mean, m2] = chunk_stats(x + (t / K) * M + k * L, std::min(L, M - k * L));
+        mk[t] = mean;
+        m2k[t] = m2;
+      }
+    });
+    return;
+  }
+
+  const int64_t C = g.C, D = g.D, G = g.G, S = g.S, R = sp.R;
+  at::parallel_for(0, g.N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(C), mv(C), s1(C), s2(C), m0(G);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
+      const T* xs = x + n * S * C;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t ra = r0; ra < r1; ra += kRows) {
+        const int64_t rb = std::min(r1, ra + kRows);
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+          V a, b, u(0), v(0), su, sv;
+          for (int64_t r = ra; r < rb; ++r) {
+            IO::load(xs + r * C + c0, c, a, b);
+            u = u + a;
+            v = v + b;
+          }
+          AccIO<A>::load(acc.data() + c0, c, su, sv);
+          AccIO<A>::store(acc.data() + c0, su + u, sv + v, c);
+        });
+      }
+      const int64_t cnt = (r1 - r0) * D;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        A s = 0;
+        for (int64_t c = gi * D; c < (gi + 1) * D; ++c) s += acc[c];
+        m0[gi] = s / static_cast<A>(cnt);
+        std::fill(mv.begin() + gi * D, mv.begin() + (gi + 1) * D, m0[gi]);
+      }
+      std::fill(s1.begin(), s1.end(), A(0));
+      std::fill(s2.begin(), s2.end(), A(0));
+      for (int64_t ra = r0; ra < r1; ra += kRows) {
+        const int64_t rb = std::min(r1, ra + kRows);
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+          V a, b, ma, mb, u(0), v(0), p(0), q(0), su, sv;
+          AccIO<A>::load(mv.data() + c0, c, ma, mb);
+          for (int64_t r = ra; r < rb; ++r) {
+            IO::load(xs + r * C + c0, c, a, b);
+            a = a - ma;
+            b = b - mb;
+            u = u + a;
+            v = v + b;
+            p = at::vec::fmadd(a, a, p);
+            q = at::vec::fmadd(b, b, q);
+          }
+          AccIO<A>::load(s1.data() + c0, c, su, sv);
+          AccIO<A>::store(s1.data() + c0, su + u, sv + v, c);
+          AccIO<A>::load(s2.data() + c0, c, su, sv);
+          AccIO<A>::store(s2.data() + c0, su + p, sv + q, c);
+        });
+      }
+      for (int64_t gi = 0; gi < G; ++gi) {
+        A sd = 0, sq = 0;
+        for (int64_t c = gi * D; c < (gi + 1) * D; ++c) {
+          sd += s1[c];
+          sq += s2[c];
+        }
+        write((n * G + gi) * K + k, m0[gi], sd, sq, cnt);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------ elementwise
+// One contiguous run of n elements of a single channel (coefficients p
+// broadcast): out = the MODE's elementwise formula.
+template <typename T, Mode MODE, Act ACT>
+void plane_apply(const T* x, const T* dy, T* out, int64_t n,
+                 const typename VecIO<T>::AVec* p) {
+  using IO = VecIO<T>;
+  using V = typename IO::AVec;
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+    V x0, x1, d0(0), d1(0);
+    IO::load(x + j, c, x0, x1);
+    if constexpr (MODE == Mode::kBackward) IO::load(dy + j, c, d0, d1);
+    IO::store(out + j, pointwise_op<MODE, ACT>(x0, d0, p), pointwise_op<MODE, ACT>(x1, d1, p), c);
+  });
+}
+
+// The MODE's per-channel sums over one contiguous run of n elements of a
+// single channel, into q[0 .. num_sums(MODE)).
+template <typename T, Mode MODE, Act ACT>
+void plane_sums(const T* x, const T* dy, int64_t n, const typename VecIO<T>::AVec* p,
+                typename VecIO<T>::A* q) {
+  using IO = VecIO<T>;
+  using V = typename IO::AVec;
+  constexpr int NQ = num_sums(MODE);
+  V acc0[NQ], acc1[NQ];
+  for (int i = 0; i < NQ; ++i) acc0[i] = acc1[i] = V(0);
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+    V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+    IO::load(x + j, c, x0, x1);
+    if constexpr (MODE == Mode::kGrad) IO::load(dy + j, c, d0, d1);
+    reduce_op<MODE, ACT>(x0, d0, p, q0);
+    reduce_op<MODE, ACT>(x1, d1, p, q1);
+    for (int i = 0; i < NQ; ++i) {
+      mask_pair(q0[i], q1[i], c);
+      acc0[i] = acc0[i] + q0[i];
+      acc1[i] = acc1[i] + q1[i];
+    }
+  });
+  for (int i = 0; i < NQ; ++i) q[i] = reduce_sum(acc0[i] + acc1[i]);
+}
+
+template <typename T, Mode MODE, Act ACT>
+void pointwise_kernel(const PointwiseParams& pp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  constexpr int NP = num_params(MODE);
+  const Geometry& g = pp.geo;
+  const int64_t C = g.C, S = g.S, NC = g.N * g.C;
+  const T* x = pp.x.const_data_ptr<T>();
+  const T* dy = MODE == Mode::kBackward ? pp.dy.const_data_ptr<T>() : nullptr;
+  T* out = pp.out.mutable_data_ptr<T>();
+  const A* prm = pp.params.const_data_ptr<A>();
+
+  auto step = [&](int64_t off, int64_t c, const V* p0, const V* p1) {
+    V x0, x1, d0(0), d1(0);
+    IO::load(x + off, c, x0, x1);
+    if constexpr (MODE == Mode::kBackward) IO::load(dy + off, c, d0, d1);
+    IO::store(out + off, pointwise_op<MODE, ACT>(x0, d0, p0),
+              pointwise_op<MODE, ACT>(x1, d1, p1), c);
+  };
+
+  if (!g.cl) {
+    const int64_t nb = (S + kBlock - 1) / kBlock;
+    at::parallel_for(0, NC * nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / nb, j0 = (t % nb) * kBlock;
+        const int64_t j1 = std::min(S, j0 + kBlock);
+        V p[NP];
+        for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
+        const int64_t base = plane * S + j0;
+        plane_apply<T, MODE, ACT>(x + base, dy == nullptr ? nullptr : dy + base, out + base,
+                                  j1 - j0, p);
+      }
+    });
+    return;
+  }
+  // Blocks of up to kRows rows of one sample: each channel step's
+  // coefficients are loaded once per block.
+  const int64_t grain = std::max<int64_t>(kRows, kBlock / C);
+  at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end;) {
+      const int64_t n = r0 / S;
+      const int64_t r1 = std::min({end, r0 + kRows, (n + 1) * S});
+      const A* pn = prm + n * C;
+      for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+        V p0[NP], p1[NP];
+        for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
+        for (int64_t r = r0; r < r1; ++r) step(r * C + c0, c, p0, p1);
+      });
+      r0 = r1;
+    }
+  });
+}
+
+// ------------------------------------------------------ per-channel sums
+template <typename T, Mode MODE, Act ACT>
+void reduce_kernel(const ReduceParams& rp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  constexpr int NP = num_params(MODE);
+  constexpr int NQ = num_sums(MODE);
+  constexpr bool kDy = MODE == Mode::kGrad;
+  const Geometry& g = rp.geo;
+  const int64_t N = g.N, C = g.C, S = g.S, NC = N * C, K = rp.K, R = rp.R;
+  const T* x = rp.x.const_data_ptr<T>();
+  const T* dy = kDy ? rp.dy.const_data_ptr<T>() : nullptr;
+  const A* prm = rp.params.const_data_ptr<A>();
+  A* part = rp.partial.mutable_data_ptr<A>();
+  auto at_part = [&](int q, int64_t n, int64_t k) { return part + ((q * N + n) * K + k) * C; };
+
+  if (!g.cl) {
+    at::parallel_for(0, NC * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / K, k = t % K;
+        const int64_t n = plane / C, ch = plane % C;
+        if (MODE == Mode::kCorrect && prm[NC + plane] == A(0)) {
+          at_part(0, n, k)[ch] = A(0);
+          continue;
+        }
+        V p[NP];
+        for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
+        const int64_t s0 = k * R, s1 = std::min(S, s0 + R);
+        const int64_t base = plane * S + s0;
+        A q[NQ];
+        plane_sums<T, MODE, ACT>(x + base, kDy ? dy + base : nullptr, s1 - s0, p, q);
+        for (int i = 0; i < NQ; ++i) at_part(i, n, k)[ch] = q[i];
+      }
+    });
+    return;
+  }
+
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(NQ * C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      const A* pn = prm + n * C;
+      std::fill(acc.begin(), acc.end(), A(0));
+      bool skip = false;
+      if constexpr (MODE == Mode::kCorrect) {
+        skip = std::all_of(pn + NC, pn + NC + C, [](A v) { return v == A(0); });
+      }
+      const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
+      // Blocks of kRows rows: coefficients loaded and sums kept in registers
+      // per channel step for the whole block.
+      for (int64_t sa = s0; sa < s1; sa += kRows) {
+        const int64_t sb = std::min(s1, sa + kRows);
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+          V p0[NP], p1[NP], a0[NQ], a1[NQ];
+          for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
+          for (int q = 0; q < NQ; ++q) a0[q] = a1[q] = V(0);
+          for (int64_t s = sa; s < sb; ++s) {
+            const int64_t row = (n * S + s) * C;
+            V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+            IO::load(x + row + c0, c, x0, x1);
+            if constexpr (kDy) IO::load(dy + row + c0, c, d0, d1);
+            reduce_op<MODE, ACT>(x0, d0, p0, q0);
+            reduce_op<MODE, ACT>(x1, d1, p1, q1);
+            for (int q = 0; q < NQ; ++q) {
+              a0[q] = a0[q] + q0[q];
+              a1[q] = a1[q] + q1[q];
+            }
+          }
+          for (int q = 0; q < NQ; ++q) {
+            V u, v;
+            A* a = acc.data() + q * C + c0;
+            AccIO<A>::load(a, c, u, v);
+            AccIO<A>::store(a, u + a0[q], v + a1[q], c);
+          }
+        });
+      }
+      if constexpr (MODE == Mode::kCorrect) {
+        // Groups that need no correction contribute zero (their flag is 0).
+        for (int64_t ch = 0; ch < C; ++ch) {
+          if (pn[NC + ch] == A(0)) acc[ch] = A(0);
+        }
+      }
+      for (int q = 0; q < NQ; ++q) {
+        std::copy(acc.begin() + q * C, acc.begin() + (q + 1) * C, at_part(q, n, k));
+      }
+    }
+  });
+}
+
+// ----------------------------------------------- whole-group (cache-sized)
+template <typename T, Act ACT>
+void fused_fwd_kernel(const FusedParams& fp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  const Geometry& g = fp.geo;
+  const int64_t M = g.D * g.S, S = g.S, D = g.D, L = kStatChunk;
+  const int64_t K = (M + L - 1) / L;
+  const T* x = fp.x.const_data_ptr<T>();
+  T* out = fp.out.mutable_data_ptr<T>();
+  const A* w = fp.weight.defined() ? fp.weight.const_data_ptr<A>() : nullptr;
+  const A* b = fp.bias.defined() ? fp.bias.const_data_ptr<A>() : nullptr;
+  A* mean = fp.mean.mutable_data_ptr<A>();
+  A* rstd = fp.rstd.mutable_data_ptr<A>();
+  at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<double, double>> parts(K);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t base = ng * M, c0 = (ng % g.G) * D;
+      for (int64_t k = 0; k < K; ++k) {
+        parts[k] = chunk_stats(x + base + k * L, std::min(L, M - k * L));
+      }
+      // Combine the chunks in float64, in order (as group_norm.cpp does).
+      double mu = 0, m2 = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        mu += static_cast<double>(std::min(L, M - k * L)) * parts[k].first;
+      }
+      mu /= static_cast<double>(M);
+      for (int64_t k = 0; k < K; ++k) {
+        const double d = parts[k].first - mu;
+        m2 += parts[k].second + static_cast<double>(std::min(L, M - k * L)) * d * d;
+      }
+      const double r = 1.0 / std::sqrt(m2 / static_cast<double>(M) + fp.eps);
+      const A hi = static_cast<A>(mu);
+      const double lo = mu - static_cast<double>(hi);
+      mean[ng] = hi;
+      rstd[ng] = static_cast<A>(r);
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const double a = r * (w != nullptr ? static_cast<double>(w[c]) : 1.0);
+        const double sh = (b != nullptr ? static_cast<double>(b[c]) : 0.0) - lo * a;
+        const V p[3] = {V(hi), V(static_cast<A>(a)), V(static_cast<A>(sh))};
+        const int64_t off = base + (c - c0) * S;
+        plane_apply<T, Mode::kForward, ACT>(x + off, nullptr, out + off, S, p);
+      }
+    }
+  });
+}
+
+template <typename T, Act ACT>
+void fused_bwd_kernel(const FusedParams& fp) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  const Geometry& g = fp.geo;
+  const int64_t M = g.D * g.S, S = g.S, D = g.D, NC = g.N * g.C;
+  const double Md = static_cast<double>(M);
+  const T* x = fp.x.const_data_ptr<T>();
+  const T* dy = fp.dy.const_data_ptr<T>();
+  T* dx = fp.out.mutable_data_ptr<T>();
+  const A* w = fp.weight.defined() ? fp.weight.const_data_ptr<A>() : nullptr;
+  const A* b = fp.bias.defined() ? fp.bias.const_data_ptr<A>() : nullptr;
+  const A* mean = fp.mean.const_data_ptr<A>();
+  const A* rstd = fp.rstd.const_data_ptr<A>();
+  A* sums = fp.sums.mutable_data_ptr<A>();
+  at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t base = ng * M, n = ng / g.G, c0 = (ng % g.G) * D;
+      const A hi = mean[ng];
+      const double r = static_cast<double>(rstd[ng]);
+      double off = 0;  // -(mean's low part) * rstd, as group_norm.cpp
+      if (!std::is_same_v<A, double> && std::abs(static_cast<double>(hi) * r) > kMeanTol) {
+        const V p[2] = {V(hi), V(1)};
+        double lo = 0;
+        for (int64_t c = 0; c < D; ++c) {
+          A q;
+          plane_sums<T, Mode::kCorrect, Act::kNone>(x + base + c * S, nullptr, S, p, &q);
+          lo += static_cast<double>(q);
+        }
+        off = -(lo / Md) * r;
+      }
+      double sgw = 0, sgxw = 0;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const double wc = w != nullptr ? static_cast<double>(w[c]) : 1.0;
+        const double bc = b != nullptr ? static_cast<double>(b[c]) : 0.0;
+        const V p[5] = {V(hi), V(static_cast<A>(r * wc)), V(static_cast<A>(off * wc + bc)),
+                        V(static_cast<A>(r)), V(static_cast<A>(off))};
+        const int64_t o = base + (c - c0) * S;
+        A q[2];
+        plane_sums<T, Mode::kGrad, ACT>(x + o, dy + o, S, p, q);
+        sums[n * g.C + c] = q[0];
+        sums[NC + n * g.C + c] = q[1];
+        sgw += wc * static_cast<double>(q[0]);
+        sgxw += wc * static_cast<double>(q[1]);
+      }
+      const double mg = sgw / Md, mgx = sgxw / Md;
+      const A k2 = static_cast<A>(-r * mgx * r), k3 = static_cast<A>(-r * (mg + mgx * off));
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const double wc = w != nullptr ? static_cast<double>(w[c]) : 1.0;
+        const double bc = b != nullptr ? static_cast<double>(b[c]) : 0.0;
+        const V p[6] = {V(hi), V(static_cast<A>(r * wc)), V(static_cast<A>(off * wc + bc)),
+                        V(static_cast<A>(r * wc)), V(k2), V(k3)};
+        const int64_t o = base + (c - c0) * S;
+        plane_apply<T, Mode::kBackward, ACT>(x + o, dy + o, dx + o, S, p);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------- dispatch
+void stats_cpu(const StatsParams& sp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, sp.x.scalar_type(), "group_norm_stats_cpu",
+      [&] { stats_kernel<scalar_t>(sp); });
+}
+
+void pointwise_cpu(const PointwiseParams& pp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, pp.x.scalar_type(), "group_norm_pointwise_cpu", [&] {
+        with_act(pp.act, [&](auto act) {
+          if (pp.mode == Mode::kForward) {
+            pointwise_kernel<scalar_t, Mode::kForward, decltype(act)::value>(pp);
+          } else {
+            pointwise_kernel<scalar_t, Mode::kBackward, decltype(act)::value>(pp);
+          }
+        });
+      });
+}
+
+void reduce_cpu(const ReduceParams& rp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, rp.x.scalar_type(), "group_norm_reduce_cpu", [&] {
+        if (rp.mode == Mode::kCorrect) {
+          reduce_kernel<scalar_t, Mode::kCorrect, Act::kNone>(rp);
+        } else {
+          with_act(rp.act, [&](auto act) {
+            reduce_kernel<scalar_t, Mode::kGrad, decltype(act)::value>(rp);
+          });
+        }
+      });
+}
+
+void fused_fwd_cpu(const FusedParams& fp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, fp.x.scalar_type(), "group_norm_fused_cpu", [&] {
+        with_act(fp.act, [&](auto act) { fused_fwd_kernel<scalar_t, decltype(act)::value>(fp); });
+      });
+}
+
+void fused_bwd_cpu(const FusedParams& fp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, fp.x.scalar_type(), "group_norm_fused_backward_cpu", [&] {
+        with_act(fp.act, [&](auto act) { fused_bwd_kernel<scalar_t, decltype(act)::value>(fp); });
+      });
+}
+
+}  // namespace
+
+// Groups of up to 512 KiB (x, plus dy in the backward) are processed whole by
+// one task each, so their second and third passes read from L2 (1 MiB here).
+const Launchers kCpu{stats_cpu,    pointwise_cpu, reduce_cpu,    kStatChunk,
+                     kStatChunkCl, false,         kReduceChunk,  fused_fwd_cpu,
+                     fused_bwd_cpu, int64_t{1} << 19};
+
+TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
+  m.impl("group_norm", &group_norm_op<kCpu>);
+  m.impl("group_norm_backward", &group_norm_backward_op<kCpu>);
+}
+
+}  // namespace torchfuse::group_norm
