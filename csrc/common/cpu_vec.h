@@ -162,4 +162,28 @@ at::opmath_type<T> dot(const T* a, const T* b, const at::opmath_type<T>* w, int6
   return reduce_sum(s0 + s1);
 }
 
+// out[j] = src[j] * r * w[j] over n elements (w in the accumulate type, may
+// be nullptr: 1): the store of a row norm.
+template <typename T>
+void scale_row(const T* src, T* out, int64_t n, at::opmath_type<T> r,
+               const at::opmath_type<T>* w) {
+  using IO = VecIO<T>;
+  using A = at::opmath_type<T>;
+  using AVec = typename IO::AVec;
+  const AVec vr(r);
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+    AVec a, b;
+    IO::load(src + j, c, a, b);
+    a = a * vr;
+    b = b * vr;
+    if (w != nullptr) {
+      AVec wa, wb;
+      AccIO<A>::load(w + j, c, wa, wb);
+      a = a * wa;
+      b = b * wb;
+    }
+    IO::store(out + j, a, b, c);
+  });
+}
+
 }  // namespace torchfuse::cpu

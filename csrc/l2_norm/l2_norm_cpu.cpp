@@ -31,6 +31,7 @@ using cpu::AccIO;
 using cpu::dot;
 using cpu::for_each_step;
 using cpu::reduce_sum;
+using cpu::scale_row;
 using cpu::VecIO;
 
 // Tasks per parallel chunk: about 32K elements of work each.
@@ -140,10 +141,7 @@ void col_bwd(const BwdParams& p);
 // ------------------------------------------------------------------ forward
 template <typename T>
 void fwd_kernel(const FwdParams& p) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AVec = typename IO::AVec;
-  constexpr int64_t S = IO::kStep;
+  using A = typename VecIO<T>::A;
   const int64_t C = p.C, inner = p.inner;
   const T* x = p.x.const_data_ptr<T>();
   const A* w = p.weight.defined() ? p.weight.const_data_ptr<A>() : nullptr;
@@ -157,21 +155,7 @@ void fwd_kernel(const FwdParams& p) {
       const A n = std::sqrt(dot(src, src, C));
       norm[r] = n;
       if (out == nullptr) return;
-      const AVec vr(inv_clamped(n, eps));
-      T* o = out + r * C;
-      for_each_step<S>(C, [&](int64_t j, int64_t c) {
-        AVec a, b;
-        IO::load(src + j, c, a, b);
-        a = a * vr;
-        b = b * vr;
-        if (w != nullptr) {
-          AVec wa, wb;
-          AccIO<A>::load(w + j, c, wa, wb);
-          a = a * wa;
-          b = b * wb;
-        }
-        IO::store(o + j, a, b, c);
-      });
+      scale_row(src, out + r * C, C, inv_clamped(n, eps), w);
     });
     return;
   }

@@ -19,6 +19,7 @@ namespace {
 using cpu::AccIO;
 using cpu::dot;
 using cpu::reduce_sum;
+using cpu::scale_row;
 using cpu::for_each_step;
 using cpu::VecIO;
 
@@ -71,21 +72,7 @@ void fwd_cpu_kernel(const FwdParams& p) {
       }
       const A rs = A(1) / std::sqrt(ss / static_cast<A>(N) + eps);
       rstd[r] = rs;
-      const AVec vrs(rs);
-      T* o = out + r * N;
-      for_each_step<S>(N, [&](int64_t j, int64_t c) {
-        AVec a, b;
-        IO::load(src + j, c, a, b);
-        a = a * vrs;
-        b = b * vrs;
-        if (w != nullptr) {
-          AVec wa, wb;
-          AccIO<A>::load(w + j, c, wa, wb);
-          a = a * wa;
-          b = b * wb;
-        }
-        IO::store(o + j, a, b, c);
-      });
+      scale_row(src, out + r * N, N, rs, w);
     }
   });
 }
