@@ -83,6 +83,37 @@ def test_channel_shuffle_every_dtype(device, dtype):
             assert torch.equal(F.channel_shuffle(xl, groups), TF.channel_shuffle(xl, groups))
 
 
+# channels_last rows take one of three kernels: an interleave of `groups`
+# streams (groups in 2, 3, 4, 8), a de-interleave of records of cpg elements
+# (cpg in 2, 3, 4, 8), or a per-element table; streams long enough for the
+# vectorized body and a tail (cpg 37, 40), and every element size.
+CL_PATHS = [(2, 37), (3, 40), (4, 5), (8, 3), (37, 2), (40, 3), (5, 4), (6, 8), (5, 5), (7, 6)]
+
+
+@pytest.mark.parametrize("groups,cpg", CL_PATHS, ids=[f"g{g}-cpg{c}" for g, c in CL_PATHS])
+def test_channels_last_kernel_paths(device, groups, cpg):
+    C = groups * cpg
+    for dtype in (torch.int8, torch.int16, torch.float32, torch.float64, torch.complex128):
+        src = torch.randint(-100, 100, (2, C, 3, 5), device=device).to(dtype)
+        x = src.contiguous(memory_format=torch.channels_last)
+        out = F.channel_shuffle(x, groups)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, TF.channel_shuffle(src, groups)), dtype
+    # cat_shuffle, forward and the one-pass backward: pieces on group
+    # boundaries (the fast kernels) and off them (the table).
+    for sizes in ([cpg] * groups, [C - cpg, cpg], [1, C - 1]):
+        pieces = [randn(2, c, 3, 5, device=device).contiguous(memory_format=torch.channels_last)
+                  .requires_grad_() for c in sizes]
+        out = F.cat_shuffle(pieces, groups)
+        cat = torch.cat([t.detach() for t in pieces], 1)
+        assert torch.equal(out, TF.channel_shuffle(cat, groups)), sizes
+        go = randn(*out.shape, device=device).contiguous(memory_format=torch.channels_last)
+        grads = torch.autograd.grad(out, pieces, go)
+        expected = TF.channel_shuffle(go, cpg).split(sizes, 1)
+        for g, e in zip(grads, expected):
+            assert torch.equal(g, e), sizes
+
+
 def test_inverse_and_zero_size(device):
     x = randn(2, 12, 3, 5, device=device)
     assert torch.equal(F.channel_shuffle(F.channel_shuffle(x, 3), 4), x)

@@ -4,8 +4,9 @@
 // The channel map is resolved once per call into a table. Then
 //   * I > 1 (contiguous layout): each (o, channel) is one memcpy of a plane
 //     (table: base address and outer stride of both sides per channel);
-//   * I == 1 (channels_last): per outer row, a gather/scatter of C elements
-//     moved as integers of the element's size (table: s(c) per channel).
+//   * I == 1 (channels_last): per outer row, a transpose of C elements moved
+//     as integers of the element's size (vectorized interleaves for small
+//     groups or small cpg, else a table of s(c) per channel).
 #include "channel_shuffle.h"
 
 #include <ATen/Parallel.h>
@@ -13,9 +14,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace torchfuse::channel_shuffle {
 
@@ -32,33 +35,141 @@ struct Elem16 {
   uint64_t lo, hi;
 };
 
-// I == 1: per outer row, every piece's row is walked in order while the
-// shuffled row (C elements, in L1) is indexed through soff (s(c) per
-// concatenated channel c): contiguous on the piece side, a gather or scatter
-// within one small row on the other.
-template <typename E>
-void rows(const Params& p, const std::vector<int32_t>& soff) {
-  const int64_t C = p.C, O = p.O;
-  const int K = static_cast<int>(p.pieces.size());
-  std::vector<E*> base(K);
-  std::vector<int64_t> ck(K), c0(K);
+// I == 1 (channels_last): each outer row of C elements is transposed from
+// (groups, cpg) to (cpg, groups). When every piece boundary is a multiple of
+// cpg (always so for channel_shuffle; ShuffleNetV2's two halves for
+// cat_shuffle), each group is a contiguous run of cpg elements of one piece,
+// and a row is an interleave of `groups` streams, or, seen the other way, a
+// de-interleave of records of cpg elements. For F = groups or F = cpg in
+// {2, 3, 4, 8} those are loops with F as a compile-time constant that the
+// compiler vectorizes with in-register permutes. Measured on the 2-core
+// EPYC, 2 threads, 64x116x28x28 float32 g=2: 3.45 ms with the per-element
+// table below, 1.09 ms vectorized (torch's own channels_last kernel: 1.2-1.5).
+// Elsewhere (the inverse of a shuffle with a large cpg, unaligned pieces):
+// per-element offsets from a table.
+
+// d[i * F + f] = s[f][i], i < n
+template <typename E, int F>
+inline void interleave(const std::array<const E*, F>& src, E* __restrict__ d, int64_t n) {
+  const std::array<const E*, F> s = src;
+  for (int64_t i = 0; i < n; ++i) {
+#pragma GCC unroll 8
+    for (int f = 0; f < F; ++f) d[i * F + f] = s[f][i];
+  }
+}
+
+// d[f][i] = s[i * F + f], i < n
+template <typename E, int F>
+inline void deinterleave(const E* __restrict__ s, const std::array<E*, F>& dst, int64_t n) {
+  const std::array<E*, F> d = dst;
+  for (int64_t i = 0; i < n; ++i) {
+#pragma GCC unroll 8
+    for (int f = 0; f < F; ++f) d[f][i] = s[i * F + f];
+  }
+}
+
+struct RowGeometry {
+  int K = 0;
+  std::vector<int64_t> ck, c0;  // channels and first concatenated channel of piece k
+  bool aligned = true;          // every piece boundary a multiple of cpg
+};
+
+RowGeometry row_geometry(const Params& p) {
+  RowGeometry rg;
+  rg.K = static_cast<int>(p.pieces.size());
+  const int64_t cpg = p.C / p.groups;
   int64_t acc = 0;
-  for (int k = 0; k < K; ++k) {
-    base[k] = static_cast<E*>(p.pieces[k].data_ptr());
-    ck[k] = p.pieces[k].size(1);
-    c0[k] = acc;
-    acc += ck[k];
+  for (int k = 0; k < rg.K; ++k) {
+    const int64_t n = p.pieces[k].size(1);
+    rg.ck.push_back(n);
+    rg.c0.push_back(acc);
+    rg.aligned = rg.aligned && n % cpg == 0;
+    acc += n;
+  }
+  return rg;
+}
+
+// groups == F: row o is the interleave of the groups' runs (group g: piece
+// kg[g], local channel lg[g]).
+template <typename E, int F>
+void rows_groups(const Params& p, const RowGeometry& rg) {
+  const int64_t C = p.C, cpg = C / F;
+  std::array<E*, F> gbase;
+  std::array<int64_t, F> gstride;
+  for (int g = 0; g < F; ++g) {
+    const int64_t c = g * cpg;
+    int k = 0;
+    while (c >= rg.c0[k] + rg.ck[k]) ++k;
+    gbase[g] = static_cast<E*>(p.pieces[k].data_ptr()) + (c - rg.c0[k]);
+    gstride[g] = rg.ck[k];
   }
   E* sh = static_cast<E*>(p.shuffled.data_ptr());
   const bool fwd = p.to_shuffled;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(C, 1));
-  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
+  at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       E* srow = sh + o * C;
-      for (int k = 0; k < K; ++k) {
-        E* prow = base[k] + o * ck[k];
-        const int32_t* off = soff.data() + c0[k];
-        const int64_t n = ck[k];
+      if (fwd) {
+        std::array<const E*, F> s;
+        for (int g = 0; g < F; ++g) s[g] = gbase[g] + o * gstride[g];
+        interleave<E, F>(s, srow, cpg);
+      } else {
+        std::array<E*, F> d;
+        for (int g = 0; g < F; ++g) d[g] = gbase[g] + o * gstride[g];
+        deinterleave<E, F>(srow, d, cpg);
+      }
+    }
+  });
+}
+
+// cpg == F: piece k's row holds ck / F records of F elements (groups
+// c0 / F ...); element f of record r goes to shuffled position f * G + r.
+template <typename E, int F>
+void rows_records(const Params& p, const RowGeometry& rg) {
+  const int64_t C = p.C, G = p.groups;
+  E* sh = static_cast<E*>(p.shuffled.data_ptr());
+  const bool fwd = p.to_shuffled;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
+  at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      E* srow = sh + o * C;
+      for (int k = 0; k < rg.K; ++k) {
+        E* prow = static_cast<E*>(p.pieces[k].data_ptr()) + o * rg.ck[k];
+        const int64_t g0 = rg.c0[k] / F, n = rg.ck[k] / F;
+        if (fwd) {
+          std::array<E*, F> d;
+          for (int f = 0; f < F; ++f) d[f] = srow + f * G + g0;
+          deinterleave<E, F>(prow, d, n);
+        } else {
+          std::array<const E*, F> s;
+          for (int f = 0; f < F; ++f) s[f] = srow + f * G + g0;
+          interleave<E, F>(s, prow, n);
+        }
+      }
+    }
+  });
+}
+
+// Any geometry: every piece's row is walked in order while the shuffled row
+// (C elements, in L1) is indexed through soff (s(c) per concatenated channel).
+template <typename E>
+void rows_table(const Params& p, const RowGeometry& rg) {
+  TORCH_CHECK(p.C <= std::numeric_limits<int32_t>::max(), "channel_shuffle: too many channels");
+  const int64_t C = p.C, cpg = C / p.groups;
+  std::vector<int32_t> soff(C);
+  for (int64_t c = 0; c < C; ++c) {
+    soff[c] = static_cast<int32_t>((c % cpg) * p.groups + c / cpg);
+  }
+  E* sh = static_cast<E*>(p.shuffled.data_ptr());
+  const bool fwd = p.to_shuffled;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
+  at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      E* srow = sh + o * C;
+      for (int k = 0; k < rg.K; ++k) {
+        E* prow = static_cast<E*>(p.pieces[k].data_ptr()) + o * rg.ck[k];
+        const int32_t* off = soff.data() + rg.c0[k];
+        const int64_t n = rg.ck[k];
         if (fwd) {
           for (int64_t j = 0; j < n; ++j) srow[off[j]] = prow[j];
         } else {
@@ -67,6 +178,31 @@ void rows(const Params& p, const std::vector<int32_t>& soff) {
       }
     }
   });
+}
+
+// Calls f(std::integral_constant<int, F>{}) for F in {2, 3, 4, 8}; false
+// for any other value.
+template <typename Fn>
+bool with_small(int64_t v, const Fn& f) {
+  switch (v) {
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
+template <typename E>
+void rows(const Params& p) {
+  const RowGeometry rg = row_geometry(p);
+  if (rg.aligned) {
+    if (with_small(p.groups, [&](auto f) { rows_groups<E, decltype(f)::value>(p, rg); })) return;
+    if (with_small(p.C / p.groups, [&](auto f) { rows_records<E, decltype(f)::value>(p, rg); })) {
+      return;
+    }
+  }
+  rows_table<E>(p, rg);
 }
 
 // memcpy of one plane (a few KB) as explicit vector moves. Measured on the
@@ -142,17 +278,12 @@ void launch_cpu(const Params& p) {
     copy_planes(table, p.O, plane);
     return;
   }
-  TORCH_CHECK(p.C <= std::numeric_limits<int32_t>::max(), "channel_shuffle: too many channels");
-  std::vector<int32_t> soff(p.C);
-  for (int64_t c = 0; c < p.C; ++c) {
-    soff[c] = static_cast<int32_t>((c % cpg) * p.groups + c / cpg);
-  }
   switch (esize) {
-    case 1: return rows<uint8_t>(p, soff);
-    case 2: return rows<uint16_t>(p, soff);
-    case 4: return rows<uint32_t>(p, soff);
-    case 8: return rows<uint64_t>(p, soff);
-    case 16: return rows<Elem16>(p, soff);
+    case 1: return rows<uint8_t>(p);
+    case 2: return rows<uint16_t>(p);
+    case 4: return rows<uint32_t>(p);
+    case 8: return rows<uint64_t>(p);
+    case 16: return rows<Elem16>(p);
     default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", esize);
   }
 }
