@@ -1,8 +1,10 @@
 """torchfuse.functional: the fused ops, as drop-ins for torch.nn.functional.
 
 Each function validates its arguments, then calls the compiled op in
-torch.ops.torchfuse (autograd, torch.compile and CUDA graphs go through the
-dispatcher), or the pure-PyTorch reference on a device with no kernel.
+torch.ops.torchfuse (torch.compile and CUDA graphs go through the dispatcher;
+when a gradient is needed, through a torch.autograd.Function carrying the
+op's own registered formulas: _ops.call), or the pure-PyTorch reference on a
+device with no kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from . import _validate as check
 from . import reference
-from ._ops import use_kernel
+from ._ops import call, use_kernel
 
 __all__ = [
     "rms_norm",
@@ -53,7 +55,7 @@ def rms_norm(
         eps = torch.finfo(input.dtype).eps
     if not use_kernel("rms_norm", input.device):
         return reference.rms_norm(input, normalized_shape, weight, eps)
-    return torch.ops.torchfuse.rms_norm(input, normalized_shape, weight, float(eps))[0]
+    return call("rms_norm", input, normalized_shape, weight, float(eps))[0]
 
 
 def add_rms_norm(
@@ -80,7 +82,8 @@ def add_rms_norm(
         eps = torch.finfo(input.dtype).eps
     if not use_kernel("add_rms_norm", input.device):
         return reference.add_rms_norm(input, residual, normalized_shape, weight, eps)
-    out, summed, _ = torch.ops.torchfuse.add_rms_norm(
+    out, summed, _ = call(
+        "add_rms_norm",
         input, residual, normalized_shape, weight, float(eps)
     )
     return out, summed
@@ -132,7 +135,8 @@ def group_norm(
             f"{list(input.shape)} with num_groups={num_groups}")
     if not use_kernel("group_norm", input.device):
         return reference.group_norm(input, num_groups, weight, bias, eps, activation)
-    return torch.ops.torchfuse.group_norm(
+    return call(
+        "group_norm",
         input, int(num_groups), weight, bias, float(eps), activation or "none")[0]
 
 
@@ -150,7 +154,7 @@ def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:
     check.integer(groups, "channel_shuffle", "groups", 2)
     if not use_kernel("channel_shuffle", input.device):
         return reference.channel_shuffle(input, groups)
-    return torch.ops.torchfuse.channel_shuffle(input, int(groups))
+    return call("channel_shuffle", input, int(groups))
 
 
 def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
@@ -173,7 +177,7 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
         tensors = [t.to(dtype) for t in tensors]
     if not use_kernel("cat_shuffle", tensors[0].device):
         return reference.cat_shuffle(tensors, groups)
-    return torch.ops.torchfuse.cat_shuffle(tensors, int(groups))
+    return torch.ops.torchfuse.cat_shuffle.default(tensors, int(groups))
 
 
 def _response_norm_args(fn, input, size, alpha, beta, k):
@@ -211,7 +215,8 @@ def local_response_norm(
         )
     if not use_kernel("local_response_norm", input.device):
         return reference.local_response_norm(input, size, alpha, beta, k)
-    return torch.ops.torchfuse.local_response_norm(
+    return call(
+        "local_response_norm",
         input, size, float(alpha), float(beta), float(k))
 
 
@@ -235,7 +240,8 @@ def spatial_response_norm(
             f"spatial_response_norm: Expected 4D input (got {input.dim()} dimensions)")
     if not use_kernel("spatial_response_norm", input.device):
         return reference.spatial_response_norm(input, size, alpha, beta, k)
-    return torch.ops.torchfuse.spatial_response_norm(
+    return call(
+        "spatial_response_norm",
         input, size, float(alpha), float(beta), float(k))
 
 
@@ -263,7 +269,7 @@ def l2_norm(
     check.floating(input, "l2_norm")
     if not use_kernel("l2_norm", input.device):
         return reference.l2_norm(input, weight, dim, eps)
-    return torch.ops.torchfuse.l2_norm(input, weight, dim, float(eps))[0]
+    return call("l2_norm", input, weight, dim, float(eps))[0]
 
 
 def normalize(
@@ -288,7 +294,7 @@ def normalize(
     check.floating(input, "normalize")
     if not use_kernel("l2_norm", input.device):
         return reference.normalize(input, p, dim, eps)
-    return torch.ops.torchfuse.l2_norm(input, None, dim, float(eps))[0]
+    return call("l2_norm", input, None, dim, float(eps))[0]
 
 
 def cosine_linear(
@@ -314,4 +320,4 @@ def cosine_linear(
     check.floating(input, "cosine_linear")
     if not use_kernel("cosine_linear", input.device):
         return reference.cosine_linear(input, weight, bias, eps)
-    return torch.ops.torchfuse.cosine_linear(input, weight, bias, float(eps))[0]
+    return call("cosine_linear", input, weight, bias, float(eps))[0]

@@ -83,6 +83,53 @@ def use_kernel(name: str, device: torch.device) -> bool:
     return False
 
 
+# op name -> a torch.autograd.Function with the same formulas as the op's
+# register_autograd (filled by register_autograd below).
+FUNCTIONS: dict[str, type] = {}
+
+
+def register_autograd(name: str, backward, setup_context) -> None:
+    """torch.library.register_autograd for torchfuse::<name>, and the same
+    setup_context/backward as a plain torch.autograd.Function in FUNCTIONS.
+
+    The functional API calls the op through that Function (see `call`): the
+    library's generic autograd wrapper costs about 100 us more per
+    forward+backward on the CPU (it re-binds the schema's arguments on every
+    call), which is most of the time of a small layer. The op's own
+    registration stays, so torch.ops.torchfuse.<name>, opcheck and
+    torch.compile see the same formulas. Not for ops taking a list of tensors
+    (a Function does not track tensors inside a list).
+    """
+    torch.library.register_autograd(f"torchfuse::{name}", backward, setup_context=setup_context)
+    op = getattr(torch.ops.torchfuse, name).default
+
+    def forward(ctx, *args):
+        # Below the Autograd key: the op's own (library) autograd kernel
+        # would only re-dispatch here, at the cost of another schema binding.
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    # forward(ctx, ...) rather than a separate setup_context: apply() then
+    # skips binding the arguments to forward's signature on every call.
+    FUNCTIONS[name] = type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
+
+
+def call(name: str, *args):
+    """torch.ops.torchfuse.<name>.default(*args), through FUNCTIONS[name] when
+    autograd has to record it (grad mode on and a tensor argument requiring
+    grad) outside torch.compile; the compiler traces the op itself and its
+    registered autograd."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return FUNCTIONS[name].apply(*args)
+    return getattr(torch.ops.torchfuse, name).default(*args)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulate/statistics dtype kernels use for `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
-from . import op_defined
+from . import op_defined, register_autograd
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -49,12 +49,9 @@ if op_defined("channel_shuffle"):
         ctx.inverse = _inverse_groups(input.shape[1], groups)
 
     def _channel_shuffle_backward(ctx, grad):
-        return torch.ops.torchfuse.channel_shuffle(grad, ctx.inverse), None
+        return torch.ops.torchfuse.channel_shuffle.default(grad, ctx.inverse), None
 
-    torch.library.register_autograd(
-        "torchfuse::channel_shuffle", _channel_shuffle_backward,
-        setup_context=_channel_shuffle_setup,
-    )
+    register_autograd("channel_shuffle", _channel_shuffle_backward, _channel_shuffle_setup)
 
 
 def _cat_layout(tensors) -> torch.memory_format:
@@ -88,7 +85,7 @@ if op_defined("cat_shuffle"):
         ctx.groups = groups
 
     def _cat_shuffle_backward(ctx, grad):
-        grads = torch.ops.torchfuse.cat_shuffle_backward(grad, ctx.split_sizes, ctx.groups)
+        grads = torch.ops.torchfuse.cat_shuffle_backward.default(grad, ctx.split_sizes, ctx.groups)
         return list(grads), None
 
     torch.library.register_autograd(
@@ -116,7 +113,7 @@ if op_defined("cat_shuffle_backward"):
     def _cat_shuffle_backward_backward(ctx, grads):
         grads = [g if g is not None else torch.zeros(s, dtype=d, device=dev)
                  for g, (s, d, dev) in zip(grads, ctx.like)]
-        return torch.ops.torchfuse.cat_shuffle(grads, ctx.groups), None, None
+        return torch.ops.torchfuse.cat_shuffle.default(grads, ctx.groups), None, None
 
     torch.library.register_autograd(
         "torchfuse::cat_shuffle_backward", _cat_shuffle_backward_backward,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import kept_format as memory_format
-from . import acc_dtype, op_defined
+from . import acc_dtype, op_defined, register_autograd
 
 
 def _act_grad(g: torch.Tensor, y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -70,15 +70,13 @@ if op_defined("group_norm"):
             gx, gw, gb = backward_differentiable(
                 grad_out, x, weight, bias, ctx.num_groups, ctx.eps, ctx.activation)
         else:
-            gx, gw, gb = torch.ops.torchfuse.group_norm_backward(
+            gx, gw, gb = torch.ops.torchfuse.group_norm_backward.default(
                 grad_out, x, mean, rstd, ctx.num_groups, weight, bias, ctx.activation,
                 need_w, need_b)
         return (gx if ctx.needs_input_grad[0] else None, None,
                 gw if need_w else None, gb if need_b else None, None, None)
 
-    torch.library.register_autograd(
-        "torchfuse::group_norm", _group_norm_backward, setup_context=_group_norm_setup
-    )
+    register_autograd("group_norm", _group_norm_backward, _group_norm_setup)
 
 if op_defined("group_norm_backward"):
 

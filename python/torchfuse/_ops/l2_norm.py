@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import acc_dtype, op_defined
+from . import acc_dtype, op_defined, register_autograd
 
 
 def _wrap(dim: int, ndim: int) -> int:
@@ -129,12 +129,11 @@ if op_defined("l2_norm"):
         if torch.is_grad_enabled():  # double backward: stay differentiable
             gx, gw = l2_backward_formula(grad_out, x, weight, ctx.dim, ctx.eps)
         else:
-            gx, gw = torch.ops.torchfuse.l2_norm_backward(
+            gx, gw = torch.ops.torchfuse.l2_norm_backward.default(
                 grad_out, x, norm, weight, ctx.dim, ctx.eps, need_w)
         return (gx if ctx.needs_input_grad[0] else None), (gw if need_w else None), None, None
 
-    torch.library.register_autograd(
-        "torchfuse::l2_norm", _l2_norm_backward, setup_context=_l2_norm_setup)
+    register_autograd("l2_norm", _l2_norm_backward, _l2_norm_setup)
 
 if op_defined("l2_norm_backward"):
 
@@ -187,14 +186,13 @@ if op_defined("cosine_linear"):
         if torch.is_grad_enabled():  # double backward: stay differentiable
             gx, gw, gb = cosine_backward_formula(grad_out, x, w, ctx.eps, need_b)
         else:
-            gx, gw, gb = torch.ops.torchfuse.cosine_linear_backward(
+            gx, gw, gb = torch.ops.torchfuse.cosine_linear_backward.default(
                 grad_out, x, w, nx, nw, ctx.eps, need_b)
         return ((gx if ctx.needs_input_grad[0] else None),
                 (gw if ctx.needs_input_grad[1] else None),
                 (gb if need_b else None), None)
 
-    torch.library.register_autograd(
-        "torchfuse::cosine_linear", _cosine_linear_backward, setup_context=_cosine_linear_setup)
+    register_autograd("cosine_linear", _cosine_linear_backward, _cosine_linear_setup)
 
 if op_defined("cosine_linear_backward"):
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import window_sum
-from . import acc_dtype, op_defined
+from . import acc_dtype, op_defined, register_autograd
 
 
 def _windows(spatial: bool, size: int):
@@ -72,7 +72,7 @@ def _register(name: str, spatial: bool) -> None:
             gx = getattr(torch.ops.torchfuse, bwd_name)(grad_out, x, *ctx.args)
         return gx, None, None, None, None
 
-    torch.library.register_autograd(fwd, _backward, setup_context=_setup)
+    register_autograd(name, _backward, _setup)
 
     @torch.library.register_fake(f"torchfuse::{bwd_name}")
     def _bwd_fake(grad_out, input, size, alpha, beta, k):

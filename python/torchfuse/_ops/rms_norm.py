@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import acc_dtype, op_defined
+from . import acc_dtype, op_defined, register_autograd
 
 
 def _stat_shape(input: torch.Tensor, normalized_shape) -> list[int]:
@@ -38,7 +38,7 @@ def _backward(ctx, grad_out, grad_summed, x, rstd, weight):
     if torch.is_grad_enabled():  # double backward: stay differentiable
         gx, gw = backward_differentiable(grad_out, grad_summed, x, weight, ns, eps)
     else:
-        gx, gw = torch.ops.torchfuse.rms_norm_backward(
+        gx, gw = torch.ops.torchfuse.rms_norm_backward.default(
             grad_out, grad_summed, x, rstd, ns, weight, need_w
         )
     return gx, (gw if need_w else None)
@@ -64,9 +64,7 @@ if op_defined("rms_norm"):
         gx, gw = _backward(ctx, grad_out, None, x, rstd, weight)
         return (gx if ctx.needs_input_grad[0] else None), None, gw, None
 
-    torch.library.register_autograd(
-        "torchfuse::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup
-    )
+    register_autograd("rms_norm", _rms_norm_backward, _rms_norm_setup)
 
 if op_defined("add_rms_norm"):
 
@@ -89,9 +87,7 @@ if op_defined("add_rms_norm"):
         need_in, need_res = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (gx if need_in else None), (gx if need_res else None), None, gw, None
 
-    torch.library.register_autograd(
-        "torchfuse::add_rms_norm", _add_rms_norm_backward, setup_context=_add_rms_norm_setup
-    )
+    register_autograd("add_rms_norm", _add_rms_norm_backward, _add_rms_norm_setup)
 
 def _backward_formula(grad_out, grad_summed, x, rstd, weight, normalized_shape):
     """rms_norm_backward's outputs as differentiable torch ops of its inputs
