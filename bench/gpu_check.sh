@@ -10,6 +10,12 @@
 # 3. runs compute-sanitizer (memcheck, then racecheck on a subset) over the
 #    CUDA tests;
 # 4. runs the benchmarks on CUDA (bench/run.py --device cuda).
+# Each step runs under `timeout` (seconds: T_BUILD 200, T_TESTS 120,
+# T_MEMCHECK 80, T_RACECHECK 30, T_BENCH 100; under 9 minutes in all) so
+# that one device call (10 minutes a command, 15 of device time a session)
+# returns its logs even when a step hangs; a step cut off exits 124. With
+# --quick the benchmarks take one case per op and dtype (needed to fit T_BENCH;
+# the JSON is written only when the run completes).
 # Writes 8 files into $OUT: env.txt summary.txt build.log tests.log
 # sanitizer.log bench.log bench-cuda.json bench-cuda.png. Exits non-zero if
 # any step failed (all steps run regardless).
@@ -22,10 +28,10 @@ mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 status=0
 note() { echo "== $*" | tee -a "$OUT/summary.txt"; }
-step() {  # step NAME LOG CMD...: runs CMD, logs, records the exit status
-  local name=$1 log=$2; shift 2
+step() {  # step NAME LOG SECONDS CMD...: runs CMD (at most SECONDS), logs, records the exit status
+  local name=$1 log=$2 limit=$3; shift 3
   local t0=$SECONDS
-  "$@" >> "$log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   note "$name: exit $rc in $((SECONDS - t0)) s; $(grep -E 'passed|failed|ERROR SUMMARY|error' "$log" | tail -1)"
   [ $rc -eq 0 ] || status=1
@@ -41,28 +47,28 @@ step() {  # step NAME LOG CMD...: runs CMD, logs, records the exit status
 } > "$OUT/env.txt" 2>&1
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if ! step build "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then
+if ! step build "$OUT/build.log" "${T_BUILD:-200}" "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then
   tail -60 "$OUT/build.log"
   exit 1
 fi
 "$PY" -m torchfuse.info >> "$OUT/summary.txt" 2>&1
 
-step tests "$OUT/tests.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider
+step tests "$OUT/tests.log" "${T_TESTS:-120}" "$PY" -m pytest tests -q -rs -p no:cacheprovider
 
 SAN=$(command -v compute-sanitizer || echo "$("$PY" tools/build_env.py cuda-home)/bin/compute-sanitizer")
 if [ -x "$SAN" ]; then
   # memcheck over the CUDA tests (autograd/compile machinery is host-side and
   # slow under the sanitizer, so those tests are left to the plain run above)
-  step memcheck "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 99 \
+  step memcheck "$OUT/sanitizer.log" "${T_MEMCHECK:-80}" "$SAN" --tool memcheck --error-exitcode 99 \
     "$PY" -m pytest tests -q -m cuda -p no:cacheprovider \
     -k "not compile and not gradcheck and not opcheck and not double_backward"
-  step racecheck "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 99 \
+  step racecheck "$OUT/sanitizer.log" "${T_RACECHECK:-30}" "$SAN" --tool racecheck --error-exitcode 99 \
     "$PY" -m pytest tests -q -m cuda -p no:cacheprovider -k "matches_reference and float32"
 else
   note "compute-sanitizer not found"
   status=1
 fi
 
-step bench "$OUT/bench.log" "$PY" bench/run.py --device cuda $QUICK --out "$OUT/bench-cuda.json"
+step bench "$OUT/bench.log" "${T_BENCH:-100}" "$PY" bench/run.py --device cuda $QUICK --out "$OUT/bench-cuda.json"
 cat "$OUT/summary.txt"
 exit $status
