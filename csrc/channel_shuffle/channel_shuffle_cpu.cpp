@@ -68,56 +68,69 @@ inline void deinterleave(const E* __restrict__ s, const std::array<E*, F>& dst, 
   }
 }
 
-struct RowGeometry {
-  int K = 0;
-  std::vector<int64_t> ck, c0;  // channels and first concatenated channel of piece k
-  bool aligned = true;          // every piece boundary a multiple of cpg
+// The pieces of the concatenation: base address, channels and first
+// concatenated channel of piece k.
+struct Pieces {
+  std::vector<char*> base;
+  std::vector<int64_t> ck, c0;
+  bool aligned = true;  // every piece boundary a multiple of cpg
 };
 
-RowGeometry row_geometry(const Params& p) {
-  RowGeometry rg;
-  rg.K = static_cast<int>(p.pieces.size());
+Pieces pieces_of(const Params& p) {
+  Pieces pc;
   const int64_t cpg = p.C / p.groups;
   int64_t acc = 0;
-  for (int k = 0; k < rg.K; ++k) {
-    const int64_t n = p.pieces[k].size(1);
-    rg.ck.push_back(n);
-    rg.c0.push_back(acc);
-    rg.aligned = rg.aligned && n % cpg == 0;
+  for (const auto& t : p.pieces) {
+    const int64_t n = t.size(1);
+    pc.base.push_back(static_cast<char*>(t.data_ptr()));
+    pc.ck.push_back(n);
+    pc.c0.push_back(acc);
+    pc.aligned = pc.aligned && n % cpg == 0;
     acc += n;
   }
-  return rg;
+  return pc;
 }
 
-// groups == F: row o is the interleave of the groups' runs (group g: piece
-// kg[g], local channel lg[g]).
-template <typename E, int F>
-void rows_groups(const Params& p, const RowGeometry& rg) {
-  const int64_t C = p.C, cpg = C / F;
-  std::array<E*, F> gbase;
-  std::array<int64_t, F> gstride;
-  for (int g = 0; g < F; ++g) {
-    const int64_t c = g * cpg;
-    int k = 0;
-    while (c >= rg.c0[k] + rg.ck[k]) ++k;
-    gbase[g] = static_cast<E*>(p.pieces[k].data_ptr()) + (c - rg.c0[k]);
-    gstride[g] = rg.ck[k];
-  }
+// Row o of piece k, and of the shuffled tensor (I == 1).
+template <typename E>
+E* piece_row(const Pieces& pc, size_t k, int64_t o) {
+  return reinterpret_cast<E*>(pc.base[k]) + o * pc.ck[k];
+}
+
+// f(o, shuffled row o) for every outer row, in parallel.
+template <typename E, typename Fn>
+void for_each_row(const Params& p, const Fn& f) {
   E* sh = static_cast<E*>(p.shuffled.data_ptr());
-  const bool fwd = p.to_shuffled;
+  const int64_t C = p.C;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
   at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      E* srow = sh + o * C;
-      if (fwd) {
-        std::array<const E*, F> s;
-        for (int g = 0; g < F; ++g) s[g] = gbase[g] + o * gstride[g];
-        interleave<E, F>(s, srow, cpg);
-      } else {
-        std::array<E*, F> d;
-        for (int g = 0; g < F; ++g) d[g] = gbase[g] + o * gstride[g];
-        deinterleave<E, F>(srow, d, cpg);
-      }
+    for (int64_t o = begin; o < end; ++o) f(o, sh + o * C);
+  });
+}
+
+// groups == F: row o is the interleave of the groups' runs; group g starts
+// at local channel c - c0[k] of the piece k that holds channel c = g * cpg.
+template <typename E, int F>
+void rows_groups(const Params& p, const Pieces& pc) {
+  const int64_t cpg = p.C / F;
+  std::array<size_t, F> gk;
+  std::array<int64_t, F> goff;
+  for (int g = 0; g < F; ++g) {
+    const int64_t c = g * cpg;
+    size_t k = 0;
+    while (c >= pc.c0[k] + pc.ck[k]) ++k;
+    gk[g] = k;
+    goff[g] = c - pc.c0[k];
+  }
+  for_each_row<E>(p, [&](int64_t o, E* srow) {
+    std::array<E*, F> run;
+    for (int g = 0; g < F; ++g) run[g] = piece_row<E>(pc, gk[g], o) + goff[g];
+    if (p.to_shuffled) {
+      std::array<const E*, F> src;
+      std::copy(run.begin(), run.end(), src.begin());
+      interleave<E, F>(src, srow, cpg);
+    } else {
+      deinterleave<E, F>(srow, run, cpg);
     }
   });
 }
@@ -125,26 +138,20 @@ void rows_groups(const Params& p, const RowGeometry& rg) {
 // cpg == F: piece k's row holds ck / F records of F elements (groups
 // c0 / F ...); element f of record r goes to shuffled position f * G + r.
 template <typename E, int F>
-void rows_records(const Params& p, const RowGeometry& rg) {
-  const int64_t C = p.C, G = p.groups;
-  E* sh = static_cast<E*>(p.shuffled.data_ptr());
-  const bool fwd = p.to_shuffled;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
-  at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      E* srow = sh + o * C;
-      for (int k = 0; k < rg.K; ++k) {
-        E* prow = static_cast<E*>(p.pieces[k].data_ptr()) + o * rg.ck[k];
-        const int64_t g0 = rg.c0[k] / F, n = rg.ck[k] / F;
-        if (fwd) {
-          std::array<E*, F> d;
-          for (int f = 0; f < F; ++f) d[f] = srow + f * G + g0;
-          deinterleave<E, F>(prow, d, n);
-        } else {
-          std::array<const E*, F> s;
-          for (int f = 0; f < F; ++f) s[f] = srow + f * G + g0;
-          interleave<E, F>(s, prow, n);
-        }
+void rows_records(const Params& p, const Pieces& pc) {
+  const int64_t G = p.groups;
+  for_each_row<E>(p, [&](int64_t o, E* srow) {
+    for (size_t k = 0; k < pc.ck.size(); ++k) {
+      E* prow = piece_row<E>(pc, k, o);
+      const int64_t g0 = pc.c0[k] / F, n = pc.ck[k] / F;
+      std::array<E*, F> col;
+      for (int f = 0; f < F; ++f) col[f] = srow + f * G + g0;
+      if (p.to_shuffled) {
+        deinterleave<E, F>(prow, col, n);
+      } else {
+        std::array<const E*, F> src;
+        std::copy(col.begin(), col.end(), src.begin());
+        interleave<E, F>(src, prow, n);
       }
     }
   });
@@ -153,28 +160,22 @@ void rows_records(const Params& p, const RowGeometry& rg) {
 // Any geometry: every piece's row is walked in order while the shuffled row
 // (C elements, in L1) is indexed through soff (s(c) per concatenated channel).
 template <typename E>
-void rows_table(const Params& p, const RowGeometry& rg) {
+void rows_table(const Params& p, const Pieces& pc) {
   TORCH_CHECK(p.C <= std::numeric_limits<int32_t>::max(), "channel_shuffle: too many channels");
   const int64_t C = p.C, cpg = C / p.groups;
   std::vector<int32_t> soff(C);
   for (int64_t c = 0; c < C; ++c) {
     soff[c] = static_cast<int32_t>((c % cpg) * p.groups + c / cpg);
   }
-  E* sh = static_cast<E*>(p.shuffled.data_ptr());
-  const bool fwd = p.to_shuffled;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
-  at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      E* srow = sh + o * C;
-      for (int k = 0; k < rg.K; ++k) {
-        E* prow = static_cast<E*>(p.pieces[k].data_ptr()) + o * rg.ck[k];
-        const int32_t* off = soff.data() + rg.c0[k];
-        const int64_t n = rg.ck[k];
-        if (fwd) {
-          for (int64_t j = 0; j < n; ++j) srow[off[j]] = prow[j];
-        } else {
-          for (int64_t j = 0; j < n; ++j) prow[j] = srow[off[j]];
-        }
+  for_each_row<E>(p, [&](int64_t o, E* srow) {
+    for (size_t k = 0; k < pc.ck.size(); ++k) {
+      E* prow = piece_row<E>(pc, k, o);
+      const int32_t* off = soff.data() + pc.c0[k];
+      const int64_t n = pc.ck[k];
+      if (p.to_shuffled) {
+        for (int64_t j = 0; j < n; ++j) srow[off[j]] = prow[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) prow[j] = srow[off[j]];
       }
     }
   });
@@ -194,15 +195,14 @@ bool with_small(int64_t v, const Fn& f) {
 }
 
 template <typename E>
-void rows(const Params& p) {
-  const RowGeometry rg = row_geometry(p);
-  if (rg.aligned) {
-    if (with_small(p.groups, [&](auto f) { rows_groups<E, decltype(f)::value>(p, rg); })) return;
-    if (with_small(p.C / p.groups, [&](auto f) { rows_records<E, decltype(f)::value>(p, rg); })) {
+void rows(const Params& p, const Pieces& pc) {
+  if (pc.aligned) {
+    if (with_small(p.groups, [&](auto f) { rows_groups<E, decltype(f)::value>(p, pc); })) return;
+    if (with_small(p.C / p.groups, [&](auto f) { rows_records<E, decltype(f)::value>(p, pc); })) {
       return;
     }
   }
-  rows_table<E>(p, rg);
+  rows_table<E>(p, pc);
 }
 
 // memcpy of one plane (a few KB) as explicit vector moves. Measured on the
@@ -240,52 +240,37 @@ void copy_planes(const std::vector<Entry>& table, int64_t O, int64_t plane_bytes
 
 void launch_cpu(const Params& p) {
   const int64_t esize = p.shuffled.element_size();
-  const int64_t cpg = p.C / p.groups;
-  const int64_t plane = p.I * esize;
-  // piece index and local channel of every concatenated channel
-  std::vector<char*> base;
-  std::vector<int64_t> piece_c;
-  std::vector<int> piece_of(p.C);
-  std::vector<int64_t> local(p.C);
-  int64_t c0 = 0;
-  for (size_t k = 0; k < p.pieces.size(); ++k) {
-    base.push_back(static_cast<char*>(p.pieces[k].data_ptr()));
-    const int64_t ck = p.pieces[k].size(1);
-    piece_c.push_back(ck);
-    for (int64_t j = 0; j < ck; ++j) {
-      piece_of[c0 + j] = static_cast<int>(k);
-      local[c0 + j] = j;
+  const Pieces pc = pieces_of(p);
+  if (p.I == 1) {
+    switch (esize) {
+      case 1: return rows<uint8_t>(p, pc);
+      case 2: return rows<uint16_t>(p, pc);
+      case 4: return rows<uint32_t>(p, pc);
+      case 8: return rows<uint64_t>(p, pc);
+      case 16: return rows<Elem16>(p, pc);
+      default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", esize);
     }
-    c0 += ck;
   }
+  // One entry per plane, indexed by destination channel so that the writes
+  // of a row are in order.
+  const int64_t cpg = p.C / p.groups, plane = p.I * esize;
   char* sh = static_cast<char*>(p.shuffled.data_ptr());
-  std::vector<Entry> table(p.I > 1 ? p.C : 0);
-  for (int64_t c = 0; c < p.C; ++c) {
-    const int64_t s = (c % cpg) * p.groups + c / cpg;
-    const int k = piece_of[c];
-    char* pc = base[k] + local[c] * plane;
-    char* sc = sh + s * plane;
-    const int64_t ps = piece_c[k] * plane, ss = p.C * plane;
-    if (p.I == 1) break;
-    // Indexed by destination channel, so that the writes of a row are in order.
-    if (p.to_shuffled) {
-      table[s] = Entry{sc, pc, ss, ps};
-    } else {
-      table[c] = Entry{pc, sc, ps, ss};
+  const int64_t ss = p.C * plane;
+  std::vector<Entry> table(p.C);
+  for (size_t k = 0; k < pc.ck.size(); ++k) {
+    const int64_t ps = pc.ck[k] * plane;
+    for (int64_t j = 0; j < pc.ck[k]; ++j) {
+      const int64_t c = pc.c0[k] + j, s = (c % cpg) * p.groups + c / cpg;
+      char* pch = pc.base[k] + j * plane;
+      char* sch = sh + s * plane;
+      if (p.to_shuffled) {
+        table[s] = Entry{sch, pch, ss, ps};
+      } else {
+        table[c] = Entry{pch, sch, ps, ss};
+      }
     }
   }
-  if (p.I > 1) {
-    copy_planes(table, p.O, plane);
-    return;
-  }
-  switch (esize) {
-    case 1: return rows<uint8_t>(p);
-    case 2: return rows<uint16_t>(p);
-    case 4: return rows<uint32_t>(p);
-    case 8: return rows<uint64_t>(p);
-    case 16: return rows<Elem16>(p);
-    default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", esize);
-  }
+  copy_planes(table, p.O, plane);
 }
 
 }  // namespace
