@@ -83,9 +83,9 @@ def use_kernel(name: str, device: torch.device) -> bool:
     return False
 
 
-# op name -> a torch.autograd.Function with the same formulas as the op's
-# register_autograd (filled by register_autograd below).
-FUNCTIONS: dict[str, type] = {}
+# op name -> (its default overload, a torch.autograd.Function with the same
+# formulas as the op's register_autograd); filled by register_autograd below.
+FUNCTIONS: dict[str, tuple] = {}
 
 
 def register_autograd(name: str, backward, setup_context) -> None:
@@ -93,9 +93,9 @@ def register_autograd(name: str, backward, setup_context) -> None:
     setup_context/backward as a plain torch.autograd.Function in FUNCTIONS.
 
     The functional API calls the op through that Function (see `call`): the
-    library's generic autograd wrapper costs about 100 us more per
-    forward+backward on the CPU (it re-binds the schema's arguments on every
-    call), which is most of the time of a small layer. The op's own
+    library's generic autograd wrapper re-binds the schema's arguments
+    (fill_defaults) and re-dispatches on every call; on the CPU a tiny
+    group_norm forward+backward took 216 us through it, 152 us this way. The op's own
     registration stays, so torch.ops.torchfuse.<name>, opcheck and
     torch.compile see the same formulas. Not for ops taking a list of tensors
     (a Function does not track tensors inside a list).
@@ -113,21 +113,22 @@ def register_autograd(name: str, backward, setup_context) -> None:
 
     # forward(ctx, ...) rather than a separate setup_context: apply() then
     # skips binding the arguments to forward's signature on every call.
-    FUNCTIONS[name] = type(f"{name}_function", (torch.autograd.Function,), {
+    FUNCTIONS[name] = (op, type(f"{name}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
-    })
+    }))
 
 
 def call(name: str, *args):
-    """torch.ops.torchfuse.<name>.default(*args), through FUNCTIONS[name] when
-    autograd has to record it (grad mode on and a tensor argument requiring
-    grad) outside torch.compile; the compiler traces the op itself and its
-    registered autograd."""
+    """torch.ops.torchfuse.<name>.default(*args), through the op's Function
+    (FUNCTIONS) when autograd has to record it (grad mode on and a tensor
+    argument requiring grad) outside torch.compile; the compiler traces the op
+    itself and its registered autograd."""
+    op, function = FUNCTIONS[name]
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-        return FUNCTIONS[name].apply(*args)
-    return getattr(torch.ops.torchfuse, name).default(*args)
+        return function.apply(*args)
+    return op(*args)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
