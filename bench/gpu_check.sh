@@ -11,7 +11,8 @@
 #    CUDA tests;
 # 4. runs the benchmarks on CUDA (bench/run.py --device cuda).
 # Each step runs under `timeout` (seconds: T_BUILD 200, T_TESTS 120,
-# T_MEMCHECK 80, T_RACECHECK 30, T_BENCH 100; under 9 minutes in all) so
+# T_MEMCHECK 80, T_RACECHECK 30, T_BENCH 100; under 9 minutes in all; sized
+# by guess, never run on a GPU yet: adjust from the first run's summary) so
 # that one device call (10 minutes a command, 15 of device time a session)
 # returns its logs even when a step hangs; a step cut off exits 124. With
 # --quick the benchmarks take one case per op and dtype (needed to fit T_BENCH;
