@@ -23,6 +23,10 @@
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
 namespace torchfuse::group_norm {
 
 namespace {
@@ -136,6 +140,331 @@ at::Tensor stack_params(at::TensorList ts, const at::Tensor& input) {
   return at::stack(ts).to(acc_type(input)).contiguous();
 }
 
+// ---------------------------------------------------------------- algebra
+// Between the streaming passes: combining the partial statistics, the
+// per-channel coefficients and the parameter gradients, all on (N, G) or
+// (N, C)-sized data, in float64, with the formulas of the file header.
+// CUDA: ATen ops, so the data stays on the device. CPU: scalar loops over
+// host memory; as ATen ops (about 30 per forward, 60 per backward, a few
+// microseconds each) this cost as much as the kernels at UNet shapes.
+
+struct Coefs {
+  at::Tensor params, mean, rstd;  // (3, N, C), (N, G), (N, G): accumulate type
+};
+
+Coefs aten_coefs(
+    const StatsParams& sp,
+    double full,
+    double last,
+    double eps,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& input) {
+  const Geometry& g = sp.geo;
+  at::Tensor cnt = at::full({sp.K}, full, input.options().dtype(at::kDouble));
+  cnt.select(0, sp.K - 1).fill_(last);
+  const double Md = static_cast<double>(g.D * g.S);
+  const at::Tensor mean = (sp.mean_k * cnt).sum(2) / Md;
+  const at::Tensor m2 = (sp.m2_k + cnt * (sp.mean_k - mean.unsqueeze(2)).square()).sum(2);
+  const at::Tensor rstd = (m2 / Md + eps).rsqrt();
+  const at::Tensor mean_hi = mean.to(acc_type(input));
+  const at::Tensor mean_lo = mean - mean_hi.to(at::kDouble);
+  // out = act((x - mean_hi) * a + sh), a = rstd * w, sh = b - mean_lo * a.
+  const at::Tensor a = per_channel(rstd, g) * param64(weight, input, 1.0, g.C);
+  const at::Tensor sh = param64(bias, input, 0.0, g.C) - per_channel(mean_lo, g) * a;
+  return {stack_params({per_channel(mean_hi.to(at::kDouble), g), a, sh}, input), mean_hi,
+          rstd.to(acc_type(input))};
+}
+
+// weight / bias as float64 host values, or `fill` for every channel.
+std::vector<double> host_param(const std::optional<at::Tensor>& t, int64_t C, double fill) {
+  if (!has(t)) return std::vector<double>(static_cast<size_t>(C), fill);
+  const at::Tensor d = t->to(at::kDouble).contiguous();
+  const double* p = d.const_data_ptr<double>();
+  return std::vector<double>(p, p + C);
+}
+
+template <typename A>
+Coefs host_coefs_t(
+    const StatsParams& sp,
+    double full,
+    double last,
+    double eps,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& input) {
+  const Geometry& g = sp.geo;
+  const int64_t C = g.C, G = g.G, D = g.D, K = sp.K, NC = g.N * C;
+  const auto opts = input.options().dtype(acc_type(input));
+  Coefs cf{at::empty({3, g.N, C}, opts), at::empty({g.N, G}, opts), at::empty({g.N, G}, opts)};
+  const std::vector<double> w = host_param(weight, C, 1.0), b = host_param(bias, C, 0.0);
+  const double* mk = sp.mean_k.const_data_ptr<double>();
+  const double* m2k = sp.m2_k.const_data_ptr<double>();
+  A* p = cf.params.mutable_data_ptr<A>();
+  A* mean = cf.mean.mutable_data_ptr<A>();
+  A* rstd = cf.rstd.mutable_data_ptr<A>();
+  const double Md = static_cast<double>(D * g.S);
+  for (int64_t ng = 0; ng < g.N * G; ++ng) {
+    const double* mg = mk + ng * K;
+    const double* qg = m2k + ng * K;
+    const auto [mu, r] = combine_chunks(
+        K, Md, eps, [&](int64_t k) { return mg[k]; }, [&](int64_t k) { return qg[k]; },
+        [&](int64_t k) { return k + 1 < K ? full : last; });
+    const A hi = static_cast<A>(mu);
+    const double lo = mu - static_cast<double>(hi);
+    mean[ng] = hi;
+    rstd[ng] = static_cast<A>(r);
+    const int64_t n = ng / G, c0 = (ng % G) * D;
+    for (int64_t c = c0; c < c0 + D; ++c) {
+      const double a = r * w[c];
+      const int64_t i = n * C + c;
+      p[i] = hi;
+      p[NC + i] = static_cast<A>(a);
+      p[2 * NC + i] = static_cast<A>(b[c] - lo * a);
+    }
+  }
+  return cf;
+}
+
+Coefs host_coefs(
+    const StatsParams& sp,
+    double full,
+    double last,
+    double eps,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& input) {
+  return acc_type(input) == at::kDouble
+      ? host_coefs_t<double>(sp, full, last, eps, weight, bias, input)
+      : host_coefs_t<float>(sp, full, last, eps, weight, bias, input);
+}
+
+struct BackwardArgs {
+  const Geometry& g;
+  const at::Tensor &mean, &rstd;
+  const std::optional<at::Tensor>&weight, &bias;
+  const at::Tensor& input;
+};
+
+// The backward's algebra, used by staged_backward in this order:
+//   correct_params(): kCorrect coefficients, or undefined to skip that pass;
+//   set_correction(partial of kCorrect): the mean's low part per group;
+//   grad_params(): kGrad coefficients;
+//   apply_params(partial of kGrad): kBackward coefficients;
+//   dweight(), dbias(): (C,) float64.
+class AtenBackward {
+ public:
+  explicit AtenBackward(const BackwardArgs& a)
+      : g_(a.g),
+        input_(a.input),
+        Md_(static_cast<double>(a.g.D * a.g.S)),
+        m64_(a.mean.to(at::kDouble)),
+        r64_(a.rstd.to(at::kDouble)),
+        mean_c_(per_channel(m64_, a.g)),
+        rstd_c_(per_channel(r64_, a.g)),
+        w_(param64(a.weight, a.input, 1.0, a.g.C)),
+        b_(param64(a.bias, a.input, 0.0, a.g.C)),
+        off_c_(at::zeros({a.g.N, a.g.C}, a.input.options().dtype(at::kDouble))) {}
+
+  // Always run for float32 statistics (deciding on the host would need a
+  // device sync); groups that need no correction are skipped by the kernel.
+  at::Tensor correct_params() const {
+    if (acc_type(input_) != at::kFloat) return {};
+    const at::Tensor need = ((m64_ * r64_).abs() > kMeanTol).to(at::kDouble);
+    return stack_params({mean_c_, per_channel(need, g_)}, input_);
+  }
+
+  void set_correction(const at::Tensor& partial) {
+    const at::Tensor lo = group_sum(partial[0].to(at::kDouble).sum(1), g_) / Md_;
+    off_c_ = -per_channel(lo * r64_, g_);
+  }
+
+  at::Tensor grad_params() {
+    a_ = rstd_c_ * w_;
+    sh_ = off_c_ * w_ + b_;
+    return stack_params({mean_c_, a_, sh_, rstd_c_, off_c_}, input_);
+  }
+
+  // dx = k1 * g + k2 * (x - mean) + k3, k1 = a.
+  at::Tensor apply_params(const at::Tensor& partial) {
+    const at::Tensor sums = partial.to(at::kDouble).sum(2);  // (2, N, C)
+    sg_ = sums[0];
+    sgx_ = sums[1];
+    const at::Tensor mg = per_channel(group_sum(sg_ * w_, g_) / Md_, g_);
+    const at::Tensor mgx = per_channel(group_sum(sgx_ * w_, g_) / Md_, g_);
+    const at::Tensor k2 = -rstd_c_ * mgx * rstd_c_;
+    const at::Tensor k3 = -rstd_c_ * (mg + mgx * off_c_);
+    return stack_params({mean_c_, a_, sh_, a_, k2, k3}, input_);
+  }
+
+  at::Tensor dweight() const { return sgx_.sum(0); }
+  at::Tensor dbias() const { return sg_.sum(0); }
+
+ private:
+  Geometry g_;
+  at::Tensor input_;
+  double Md_;
+  at::Tensor m64_, r64_, mean_c_, rstd_c_, w_, b_, off_c_, a_, sh_, sg_, sgx_;
+};
+
+template <typename A>
+class HostBackward {
+ public:
+  explicit HostBackward(const BackwardArgs& a)
+      : g_(a.g),
+        opts_(a.input.options().dtype(acc_type(a.input))),
+        Md_(static_cast<double>(a.g.D * a.g.S)),
+        w_(host_param(a.weight, a.g.C, 1.0)),
+        b_(host_param(a.bias, a.g.C, 0.0)),
+        m_(host_stat(a.mean)),
+        r_(host_stat(a.rstd)),
+        off_(m_.size(), 0.0),
+        sg_(static_cast<size_t>(a.g.N * a.g.C)),
+        sgx_(sg_.size()) {}
+
+  // Undefined when no group's mean is far enough from zero (the pass is
+  // then not run at all).
+  at::Tensor correct_params() const {
+    if constexpr (std::is_same_v<A, double>) return {};
+    std::vector<char> need(m_.size());
+    bool any = false;
+    for (size_t i = 0; i < m_.size(); ++i) {
+      need[i] = std::abs(m_[i] * r_[i]) > kMeanTol;
+      any = any || need[i];
+    }
+    if (!any) return {};
+    return fill_params(2, [&](int64_t ng, int64_t, A* v) {
+      v[0] = static_cast<A>(m_[ng]);
+      v[1] = need[ng] ? A(1) : A(0);
+    });
+  }
+
+  void set_correction(const at::Tensor& partial) {
+    const A* q = partial.const_data_ptr<A>();
+    const int64_t C = g_.C, D = g_.D, K = partial.size(2);
+    for (int64_t ng = 0; ng < g_.N * g_.G; ++ng) {
+      const int64_t n = ng / g_.G, c0 = (ng % g_.G) * D;
+      double lo = 0;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += static_cast<double>(q[(n * K + k) * C + c]);
+        lo += s;
+      }
+      off_[ng] = -(lo / Md_) * r_[ng];
+    }
+  }
+
+  at::Tensor grad_params() const {
+    return fill_params(5, [&](int64_t ng, int64_t c, A* v) {
+      v[0] = static_cast<A>(m_[ng]);
+      v[1] = static_cast<A>(r_[ng] * w_[c]);
+      v[2] = static_cast<A>(off_[ng] * w_[c] + b_[c]);
+      v[3] = static_cast<A>(r_[ng]);
+      v[4] = static_cast<A>(off_[ng]);
+    });
+  }
+
+  at::Tensor apply_params(const at::Tensor& partial) {
+    const A* q = partial.const_data_ptr<A>();
+    const int64_t N = g_.N, C = g_.C, K = partial.size(2);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        double s0 = 0, s1 = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          s0 += static_cast<double>(q[(n * K + k) * C + c]);
+          s1 += static_cast<double>(q[((N + n) * K + k) * C + c]);
+        }
+        sg_[n * C + c] = s0;
+        sgx_[n * C + c] = s1;
+      }
+    }
+    std::vector<double> mg(m_.size()), mgx(m_.size());
+    for (int64_t ng = 0; ng < N * g_.G; ++ng) {
+      const int64_t n = ng / g_.G, c0 = (ng % g_.G) * g_.D;
+      double u = 0, v = 0;
+      for (int64_t c = c0; c < c0 + g_.D; ++c) {
+        u += sg_[n * C + c] * w_[c];
+        v += sgx_[n * C + c] * w_[c];
+      }
+      mg[ng] = u / Md_;
+      mgx[ng] = v / Md_;
+    }
+    return fill_params(6, [&](int64_t ng, int64_t c, A* v) {
+      const double r = r_[ng], a = r * w_[c];
+      v[0] = static_cast<A>(m_[ng]);
+      v[1] = static_cast<A>(a);
+      v[2] = static_cast<A>(off_[ng] * w_[c] + b_[c]);
+      v[3] = static_cast<A>(a);
+      v[4] = static_cast<A>(-r * mgx[ng] * r);
+      v[5] = static_cast<A>(-r * (mg[ng] + mgx[ng] * off_[ng]));
+    });
+  }
+
+  at::Tensor dweight() const { return channel_sum(sgx_); }
+  at::Tensor dbias() const { return channel_sum(sg_); }
+
+ private:
+  std::vector<double> host_stat(const at::Tensor& t) const {
+    const at::Tensor c = t.contiguous();
+    const A* p = c.const_data_ptr<A>();
+    return std::vector<double>(p, p + g_.N * g_.G);
+  }
+
+  // (np, N, C) accumulate-type coefficients; f(ng, c, v) fills v[0 .. np)
+  // for channel c of group ng.
+  template <typename F>
+  at::Tensor fill_params(int np, const F& f) const {
+    at::Tensor t = at::empty({np, g_.N, g_.C}, opts_);
+    A* p = t.mutable_data_ptr<A>();
+    const int64_t NC = g_.N * g_.C;
+    A v[6];
+    for (int64_t ng = 0; ng < g_.N * g_.G; ++ng) {
+      const int64_t n = ng / g_.G, c0 = (ng % g_.G) * g_.D;
+      for (int64_t c = c0; c < c0 + g_.D; ++c) {
+        f(ng, c, v);
+        for (int i = 0; i < np; ++i) p[i * NC + n * g_.C + c] = v[i];
+      }
+    }
+    return t;
+  }
+
+  // (C,) float64: sum over the samples, in order.
+  at::Tensor channel_sum(const std::vector<double>& s) const {
+    at::Tensor t = at::zeros({g_.C}, opts_.dtype(at::kDouble));
+    double* p = t.mutable_data_ptr<double>();
+    for (int64_t n = 0; n < g_.N; ++n) {
+      for (int64_t c = 0; c < g_.C; ++c) p[c] += s[n * g_.C + c];
+    }
+    return t;
+  }
+
+  Geometry g_;
+  at::TensorOptions opts_;
+  double Md_;
+  std::vector<double> w_, b_, m_, r_, off_, sg_, sgx_;
+};
+
+// The three streaming passes of the backward (kCorrect where needed, kGrad,
+// kBackward) with the algebra between them.
+template <typename Alg>
+void staged_backward(Alg& alg, ReduceParams& rp, PointwiseParams& pp, const Launchers& launch) {
+  const Geometry& g = rp.geo;
+  const auto opts = rp.x.options().dtype(acc_type(rp.x));
+  if (const at::Tensor p = alg.correct_params(); p.defined()) {
+    rp.mode = Mode::kCorrect;
+    rp.params = p;
+    rp.partial = at::empty({1, g.N, rp.K, g.C}, opts);
+    launch.reduce(rp);
+    alg.set_correction(rp.partial);
+  }
+  rp.mode = Mode::kGrad;
+  rp.params = alg.grad_params();
+  rp.partial = at::empty({2, g.N, rp.K, g.C}, opts);
+  launch.reduce(rp);
+  pp.params = alg.apply_params(rp.partial);
+  launch.pointwise(pp);
+}
+
 }  // namespace
 
 Act parse_activation(std::string_view name, const char* op) {
@@ -187,44 +516,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   StatsParams sp;
   sp.x = x;
   sp.geo = g;
-  at::Tensor cnt;  // elements per chunk, (K,) float64
-  const auto f64 = input.options().dtype(at::kDouble);
+  double full = 0, last = 0;  // elements in every chunk but the last, in the last
   if (!g.cl) {
     sp.L = launch.stat_chunk;
     sp.K = (M + sp.L - 1) / sp.L;
-    cnt = at::full({sp.K}, static_cast<double>(sp.L), f64);
-    cnt.select(0, sp.K - 1).fill_(static_cast<double>(M - (sp.K - 1) * sp.L));
+    full = static_cast<double>(sp.L);
+    last = static_cast<double>(M - (sp.K - 1) * sp.L);
   } else {
     const int64_t width = launch.cl_per_group ? g.D : g.C;
     sp.R = std::max<int64_t>(1, launch.stat_chunk_cl / width);
     sp.K = (g.S + sp.R - 1) / sp.R;
-    cnt = at::full({sp.K}, static_cast<double>(sp.R * g.D), f64);
-    cnt.select(0, sp.K - 1).fill_(static_cast<double>((g.S - (sp.K - 1) * sp.R) * g.D));
+    full = static_cast<double>(sp.R * g.D);
+    last = static_cast<double>((g.S - (sp.K - 1) * sp.R) * g.D);
   }
+  const auto f64 = input.options().dtype(at::kDouble);
   sp.mean_k = at::empty({g.N, g.G, sp.K}, f64);
   sp.m2_k = at::empty({g.N, g.G, sp.K}, f64);
   launch.stats(sp);
 
-  // Stage 2 (float64, fixed order): combine the chunks.
-  const double Md = static_cast<double>(M);
-  at::Tensor mean = (sp.mean_k * cnt).sum(2) / Md;
-  at::Tensor m2 = (sp.m2_k + cnt * (sp.mean_k - mean.unsqueeze(2)).square()).sum(2);
-  at::Tensor rstd = (m2 / Md + eps).rsqrt();
-  const at::Tensor mean_hi = mean.to(acc_type(input));
-  const at::Tensor mean_lo = mean - mean_hi.to(at::kDouble);
-
-  // out = act((x - mean_hi) * a + sh), a = rstd * w, sh = b - mean_lo * a.
-  const at::Tensor a = per_channel(rstd, g) * param64(weight, input, 1.0, g.C);
-  const at::Tensor sh = param64(bias, input, 0.0, g.C) - per_channel(mean_lo, g) * a;
+  // Stage 2: combine the chunks, per-channel coefficients; stage 3: out.
+  const Coefs cf = input.is_cpu()
+      ? host_coefs(sp, full, last, eps, weight, bias, input)
+      : aten_coefs(sp, full, last, eps, weight, bias, input);
   PointwiseParams pp;
   pp.x = x;
   pp.out = out;
   pp.geo = g;
   pp.mode = Mode::kForward;
   pp.act = act;
-  pp.params = stack_params({per_channel(mean_hi.to(at::kDouble), g), a, sh}, input);
+  pp.params = cf.params;
   launch.pointwise(pp);
-  return {out, mean_hi, rstd.to(acc_type(input))};
+  return {out, cf.mean, cf.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
@@ -301,45 +623,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   rp.act = act;
   rp.R = std::max<int64_t>(1, launch.reduce_chunk / (g.cl ? g.C : 1));
   rp.K = (g.S + rp.R - 1) / rp.R;
-  const auto acc_opts = input.options().dtype(acc_type(input));
-
-  const at::Tensor m64 = mean.to(at::kDouble);
-  const at::Tensor r64 = rstd.to(at::kDouble);
-  const at::Tensor mean_c = per_channel(m64, g);
-  const at::Tensor rstd_c = per_channel(r64, g);
-  const double Md = static_cast<double>(g.D * g.S);
-
-  // The mean's low part, only for groups whose mean is far from zero in units
-  // of the standard deviation (elsewhere the partials are zero and unread).
-  at::Tensor off_c = at::zeros({g.N, g.C}, f64);
-  if (acc_type(input) == at::kFloat) {
-    const at::Tensor need = ((m64 * r64).abs() > kMeanTol).to(at::kDouble);
-    rp.mode = Mode::kCorrect;
-    rp.params = stack_params({mean_c, per_channel(need, g)}, input);
-    rp.partial = at::empty({1, g.N, rp.K, g.C}, acc_opts);
-    launch.reduce(rp);
-    const at::Tensor lo = group_sum(rp.partial[0].to(at::kDouble).sum(1), g) / Md;
-    off_c = -per_channel(lo * r64, g);
-  }
-
-  // Pass 1: per-channel sums of g and g * xhat.
-  const at::Tensor w = param64(weight, input, 1.0, g.C);
-  const at::Tensor b = param64(bias, input, 0.0, g.C);
-  const at::Tensor a = rstd_c * w;
-  const at::Tensor sh = off_c * w + b;
-  rp.mode = Mode::kGrad;
-  rp.params = stack_params({mean_c, a, sh, rstd_c, off_c}, input);
-  rp.partial = at::empty({2, g.N, rp.K, g.C}, acc_opts);
-  launch.reduce(rp);
-  const at::Tensor sums = rp.partial.to(at::kDouble).sum(2);  // (2, N, C)
-  const at::Tensor sg = sums[0], sgx = sums[1];
-
-  // Pass 2: dx = k1 * g + k2 * (x - mean) + k3.
-  const at::Tensor mg = per_channel(group_sum(sg * w, g) / Md, g);
-  const at::Tensor mgx = per_channel(group_sum(sgx * w, g) / Md, g);
-  const at::Tensor k1 = a;
-  const at::Tensor k2 = -rstd_c * mgx * rstd_c;
-  const at::Tensor k3 = -rstd_c * (mg + mgx * off_c);
   PointwiseParams pp;
   pp.x = x;
   pp.dy = dy;
@@ -347,9 +630,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   pp.geo = g;
   pp.mode = Mode::kBackward;
   pp.act = act;
-  pp.params = stack_params({mean_c, a, sh, k1, k2, k3}, input);
-  launch.pointwise(pp);
-  return finish(sgx.sum(0), sg.sum(0));
+  const BackwardArgs args{g, mean, rstd, weight, bias, input};
+  auto run = [&](auto alg) {
+    staged_backward(alg, rp, pp, launch);
+    return finish(alg.dweight(), alg.dbias());
+  };
+  if (!input.is_cpu()) return run(AtenBackward(args));
+  if (acc_type(input) == at::kDouble) return run(HostBackward<double>(args));
+  return run(HostBackward<float>(args));
 }
 
 }  // namespace torchfuse::group_norm

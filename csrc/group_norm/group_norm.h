@@ -8,17 +8,19 @@
 // [g * D, (g + 1) * D), D = C / G.
 //
 // The device launchers only stream over the data; everything on (N, C) or
-// (N, G)-sized tensors (combining partial statistics, per-channel
-// coefficients, parameter gradients) is done with ATen ops in
-// group_norm.cpp, in float64, the same code for both devices.
+// (N, G)-sized data (combining partial statistics, per-channel coefficients,
+// parameter gradients) is done in group_norm.cpp, in float64: with ATen ops
+// for CUDA tensors, with scalar host loops for CPU tensors (same formulas).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace torchfuse::group_norm {
 
@@ -128,6 +130,22 @@ struct Launchers {
 // Whether |mean| * rstd is large enough for the float32 mean's rounding to
 // matter (see group_norm.cpp).
 constexpr double kMeanTol = 4.0;
+
+// Chunk statistics combined in float64, in chunk order, into the group's
+// (mean, 1 / sqrt(var + eps)). mean_k(k), m2_k(k): chunk k's mean and centred
+// sum of squares; count(k): its elements; M: the group's elements.
+template <typename MeanK, typename M2K, typename Count>
+std::pair<double, double> combine_chunks(
+    int64_t K, double M, double eps, const MeanK& mean_k, const M2K& m2_k, const Count& count) {
+  double mu = 0, m2 = 0;
+  for (int64_t k = 0; k < K; ++k) mu += count(k) * mean_k(k);
+  mu /= M;
+  for (int64_t k = 0; k < K; ++k) {
+    const double d = mean_k(k) - mu;
+    m2 += m2_k(k) + count(k) * d * d;
+  }
+  return {mu, 1.0 / std::sqrt(m2 / M + eps)};
+}
 
 Act parse_activation(std::string_view name, const char* op);
 

@@ -435,17 +435,10 @@ void fused_fwd_kernel(const FusedParams& fp) {
       for (int64_t k = 0; k < K; ++k) {
         parts[k] = chunk_stats(x + base + k * L, std::min(L, M - k * L));
       }
-      // Combine the chunks in float64, in order (as group_norm.cpp does).
-      double mu = 0, m2 = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        mu += static_cast<double>(std::min(L, M - k * L)) * parts[k].first;
-      }
-      mu /= static_cast<double>(M);
-      for (int64_t k = 0; k < K; ++k) {
-        const double d = parts[k].first - mu;
-        m2 += parts[k].second + static_cast<double>(std::min(L, M - k * L)) * d * d;
-      }
-      const double r = 1.0 / std::sqrt(m2 / static_cast<double>(M) + fp.eps);
+      const auto [mu, r] = combine_chunks(
+          K, static_cast<double>(M), fp.eps, [&](int64_t k) { return parts[k].first; },
+          [&](int64_t k) { return parts[k].second; },
+          [&](int64_t k) { return static_cast<double>(std::min(L, M - k * L)); });
       const A hi = static_cast<A>(mu);
       const double lo = mu - static_cast<double>(hi);
       mean[ng] = hi;
