@@ -243,10 +243,11 @@ void plane_apply(const T* x, const T* dy, T* out, int64_t n,
 }
 
 // The MODE's per-channel sums over one contiguous run of n elements of a
-// single channel, into q[0 .. num_sums(MODE)).
+// single channel, into q[0 .. num_sums(MODE)). kGrad with gout: also stores
+// each element's g = dy * act'(y) there (accumulate type).
 template <typename T, Mode MODE, Act ACT>
 void plane_sums(const T* x, const T* dy, int64_t n, const typename VecIO<T>::AVec* p,
-                typename VecIO<T>::A* q) {
+                typename VecIO<T>::A* q, typename VecIO<T>::A* gout = nullptr) {
   using IO = VecIO<T>;
   using V = typename IO::AVec;
   constexpr int NQ = num_sums(MODE);
@@ -258,6 +259,9 @@ void plane_sums(const T* x, const T* dy, int64_t n, const typename VecIO<T>::AVe
     if constexpr (MODE == Mode::kGrad) IO::load(dy + j, c, d0, d1);
     reduce_op<MODE, ACT>(x0, d0, p, q0);
     reduce_op<MODE, ACT>(x1, d1, p, q1);
+    if constexpr (MODE == Mode::kGrad) {
+      if (gout != nullptr) AccIO<typename IO::A>::store(gout + j, q0[0], q1[0], c);
+    }
     for (int i = 0; i < NQ; ++i) {
       mask_pair(q0[i], q1[i], c);
       acc0[i] = acc0[i] + q0[i];
@@ -470,7 +474,12 @@ void fused_bwd_kernel(const FusedParams& fp) {
   const A* mean = fp.mean.const_data_ptr<A>();
   const A* rstd = fp.rstd.const_data_ptr<A>();
   A* sums = fp.sums.mutable_data_ptr<A>();
+  // SiLU: the first pass keeps g = dy * silu'(y) (accumulate type, the
+  // group's M elements, cache-resident) for the second, which then evaluates
+  // no second sigmoid and does not read dy again.
+  constexpr bool kKeep = ACT == Act::kSilu;
   at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> kept(kKeep ? static_cast<size_t>(M) : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t base = ng * M, n = ng / g.G, c0 = (ng % g.G) * D;
       const A hi = mean[ng];
@@ -494,7 +503,8 @@ void fused_bwd_kernel(const FusedParams& fp) {
                         V(static_cast<A>(r)), V(static_cast<A>(off))};
         const int64_t o = base + (c - c0) * S;
         A q[2];
-        plane_sums<T, Mode::kGrad, ACT>(x + o, dy + o, S, p, q);
+        plane_sums<T, Mode::kGrad, ACT>(x + o, dy + o, S, p, q,
+                                        kKeep ? kept.data() + (c - c0) * S : nullptr);
         sums[n * g.C + c] = q[0];
         sums[NC + n * g.C + c] = q[1];
         sgw += wc * static_cast<double>(q[0]);
@@ -508,7 +518,19 @@ void fused_bwd_kernel(const FusedParams& fp) {
         const V p[6] = {V(hi), V(static_cast<A>(r * wc)), V(static_cast<A>(off * wc + bc)),
                         V(static_cast<A>(r * wc)), V(k2), V(k3)};
         const int64_t o = base + (c - c0) * S;
-        plane_apply<T, Mode::kBackward, ACT>(x + o, dy + o, dx + o, S, p);
+        if constexpr (kKeep) {
+          // dx = p[3] * g + p[4] * (x - p[0]) + p[5], g as kept.
+          const A* gk = kept.data() + (c - c0) * S;
+          for_each_step<IO::kStep>(S, [&](int64_t j, int64_t cnt) {
+            V x0, x1, g0, g1;
+            IO::load(x + o + j, cnt, x0, x1);
+            AccIO<A>::load(gk + j, cnt, g0, g1);
+            IO::store(dx + o + j, at::vec::fmadd(p[3], g0, at::vec::fmadd(p[4], x0 - p[0], p[5])),
+                      at::vec::fmadd(p[3], g1, at::vec::fmadd(p[4], x1 - p[0], p[5])), cnt);
+          });
+        } else {
+          plane_apply<T, Mode::kBackward, ACT>(x + o, dy + o, dx + o, S, p);
+        }
       }
     }
   });
