@@ -15,7 +15,7 @@ import torch
 
 from . import _validate as check
 from . import reference
-from ._ops import call, use_kernel
+from ._ops import call, call_list, use_kernel
 
 __all__ = [
     "rms_norm",
@@ -177,7 +177,7 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
         tensors = [t.to(dtype) for t in tensors]
     if not use_kernel("cat_shuffle", tensors[0].device):
         return reference.cat_shuffle(tensors, groups)
-    return torch.ops.torchfuse.cat_shuffle.default(tensors, int(groups))
+    return call_list("cat_shuffle", tensors, int(groups))
 
 
 def _response_norm_args(fn, input, size, alpha, beta, k):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
-from . import op_defined, register_autograd
+from . import FUNCTIONS, op_defined, register_autograd
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -91,6 +91,24 @@ if op_defined("cat_shuffle"):
     torch.library.register_autograd(
         "torchfuse::cat_shuffle", _cat_shuffle_backward, setup_context=_cat_shuffle_setup
     )
+
+    def _cat_shuffle_function_forward(ctx, groups, *tensors):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.torchfuse.cat_shuffle.default(list(tensors), groups)
+        _cat_shuffle_setup(ctx, (tensors, groups), out)
+        return out
+
+    def _cat_shuffle_function_backward(ctx, grad):
+        grads, _ = _cat_shuffle_backward(ctx, grad)
+        return (None, *grads)
+
+    # For _ops.call_list: the same formulas as a Function over the unpacked
+    # pieces (a Function does not track tensors inside a list argument).
+    FUNCTIONS["cat_shuffle"] = (torch.ops.torchfuse.cat_shuffle.default, type(
+        "cat_shuffle_function", (torch.autograd.Function,), {
+            "forward": staticmethod(_cat_shuffle_function_forward),
+            "backward": staticmethod(_cat_shuffle_function_backward),
+        }))
 
 if op_defined("cat_shuffle_backward"):
 
