@@ -34,13 +34,14 @@ def steady_malloc(argv: list[str]) -> None:
     heap is trimmed whenever its free top passes twice that threshold. Whether
     a benchmark loop's 1-10 MB buffers then come back as resident memory or as
     fresh pages (a page fault per 4 KiB) depends on the heap's layout left by
-    earlier cases. Measured on the CI VM (2 threads), eager GroupNorm
-    forward+backward at 2x1280x16x16 float32 took 1.58 ms in one process,
-    0.54 ms in the 2026-11-23 results file, and 0.44 ms with the thresholds
-    fixed; in that file a torchfuse forward without activation timed 3.6x
-    slower than the same kernel with SiLU (2x640x32x32). Fixing both thresholds (buffers up to
-    32 MB from the heap, never trimmed) times the implementations, not the
-    page faults; larger buffers are still mmapped, for every implementation.
+    earlier cases. Eager GroupNorm forward+backward at 2x1280x16x16 float32,
+    2 threads, took 1.58 ms with the defaults and 0.44 ms with the thresholds
+    fixed on the 2026-12-02 Xeon VM (0.54 ms in the 2026-11-23 results file,
+    another VM); that file also has a torchfuse forward without activation
+    3.6x slower than the same kernel with SiLU (2x640x32x32). Fixing both
+    thresholds (buffers up to 32 MB from the heap, never trimmed) times the
+    implementations, not the page faults; larger buffers are still mmapped,
+    for every implementation.
     """
     if "--system-malloc" in argv or os.environ.get("TORCHFUSE_BENCH_MALLOC") == "steady":
         return

@@ -67,14 +67,19 @@ inline V act_grad(const V& dy, const V& y) {
   }
 }
 
+// kBackward's dx = p[3] * g + p[4] * d + p[5].
+template <typename V>
+inline V dx_of(const V& g, const V& d, const V* p) {
+  return at::vec::fmadd(p[3], g, at::vec::fmadd(p[4], d, p[5]));
+}
+
 template <Mode MODE, Act ACT, typename V>
 inline V pointwise_op(const V& x, const V& dy, const V* p) {
   const V d = x - p[0];
   if constexpr (MODE == Mode::kForward) {
     return act_fwd<ACT>(at::vec::fmadd(d, p[1], p[2]));
   } else {
-    const V g = act_grad<ACT>(dy, at::vec::fmadd(d, p[1], p[2]));
-    return at::vec::fmadd(p[3], g, at::vec::fmadd(p[4], d, p[5]));
+    return dx_of(act_grad<ACT>(dy, at::vec::fmadd(d, p[1], p[2])), d, p);
   }
 }
 
@@ -519,14 +524,13 @@ void fused_bwd_kernel(const FusedParams& fp) {
                         V(static_cast<A>(r * wc)), V(k2), V(k3)};
         const int64_t o = base + (c - c0) * S;
         if constexpr (kKeep) {
-          // dx = p[3] * g + p[4] * (x - p[0]) + p[5], g as kept.
+          // kBackward with g as kept.
           const A* gk = kept.data() + (c - c0) * S;
           for_each_step<IO::kStep>(S, [&](int64_t j, int64_t cnt) {
             V x0, x1, g0, g1;
             IO::load(x + o + j, cnt, x0, x1);
             AccIO<A>::load(gk + j, cnt, g0, g1);
-            IO::store(dx + o + j, at::vec::fmadd(p[3], g0, at::vec::fmadd(p[4], x0 - p[0], p[5])),
-                      at::vec::fmadd(p[3], g1, at::vec::fmadd(p[4], x1 - p[0], p[5])), cnt);
+            IO::store(dx + o + j, dx_of(g0, x0 - p[0], p), dx_of(g1, x1 - p[0], p), cnt);
           });
         } else {
           plane_apply<T, Mode::kBackward, ACT>(x + o, dy + o, dx + o, S, p);
