@@ -15,6 +15,16 @@
 #include <tuple>
 #include <type_traits>
 
+// The element moves below sit in every kernel's inner loop: forced inline so
+// that the compiler keeps the caller's vectors in registers. Left to itself,
+// GCC 12 outlined VecIO<BFloat16>::store, and the call spilled the caller's
+// coefficient vectors to the stack (zeroed with rep stos on every step).
+#if defined(__GNUC__) || defined(__clang__)
+#define TF_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define TF_ALWAYS_INLINE inline
+#endif
+
 namespace torchfuse::cpu {
 
 template <typename T>
@@ -27,7 +37,7 @@ struct VecIO {
   static constexpr int64_t kStep = 2 * kSize;
   static constexpr bool kReduced = !std::is_same_v<T, A>;
 
-  static inline void load(const T* p, AVec& a, AVec& b) {
+  TF_ALWAYS_INLINE static void load(const T* p, AVec& a, AVec& b) {
     if constexpr (kReduced) {
       std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
     } else {
@@ -36,7 +46,7 @@ struct VecIO {
     }
   }
   // The first n (<= kStep) elements; the rest read as zero.
-  static inline void load(const T* p, int64_t n, AVec& a, AVec& b) {
+  TF_ALWAYS_INLINE static void load(const T* p, int64_t n, AVec& a, AVec& b) {
     if (n == kStep) {
       load(p, a, b);
     } else if constexpr (kReduced) {
@@ -46,7 +56,7 @@ struct VecIO {
       b = n > kSize ? AVec::loadu(p + kSize, n - kSize) : AVec(A(0));
     }
   }
-  static inline void store(T* p, const AVec& a, const AVec& b) {
+  TF_ALWAYS_INLINE static void store(T* p, const AVec& a, const AVec& b) {
     if constexpr (kReduced) {
       at::vec::convert_from_float<T>(a, b).store(p);
     } else {
@@ -54,7 +64,7 @@ struct VecIO {
       b.store(p + kSize);
     }
   }
-  static inline void store(T* p, const AVec& a, const AVec& b, int64_t n) {
+  TF_ALWAYS_INLINE static void store(T* p, const AVec& a, const AVec& b, int64_t n) {
     if (n == kStep) {
       store(p, a, b);
     } else if constexpr (kReduced) {
@@ -65,7 +75,7 @@ struct VecIO {
     }
   }
   // Rounds a pair through T, as a store followed by a load would.
-  static inline void round(AVec& a, AVec& b) {
+  TF_ALWAYS_INLINE static void round(AVec& a, AVec& b) {
     if constexpr (kReduced) {
       std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
     }
@@ -77,7 +87,7 @@ template <typename A>
 struct AccIO {
   using AVec = at::vec::Vectorized<A>;
   static constexpr int64_t kSize = AVec::size();
-  static inline void load(const A* p, int64_t n, AVec& a, AVec& b) {
+  TF_ALWAYS_INLINE static void load(const A* p, int64_t n, AVec& a, AVec& b) {
     if (n == 2 * kSize) {
       a = AVec::loadu(p);
       b = AVec::loadu(p + kSize);
@@ -86,7 +96,7 @@ struct AccIO {
       b = n > kSize ? AVec::loadu(p + kSize, n - kSize) : AVec(A(0));
     }
   }
-  static inline void store(A* p, const AVec& a, const AVec& b, int64_t n) {
+  TF_ALWAYS_INLINE static void store(A* p, const AVec& a, const AVec& b, int64_t n) {
     if (n == 2 * kSize) {
       a.store(p);
       b.store(p + kSize);

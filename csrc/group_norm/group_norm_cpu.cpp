@@ -313,20 +313,19 @@ void pointwise_kernel(const PointwiseParams& pp) {
     });
     return;
   }
-  // Blocks of up to kRows rows of one sample: each channel step's
-  // coefficients are loaded once per block.
+  // Row by row, in memory order; each step reloads its coefficients (L1
+  // hits). Measured on the 2-core EPYC, 8x256x56x56 float32 backward: 4.0 ms
+  // for blocks of 16 rows swept channel step by channel step (coefficients
+  // kept in registers), 3.3 ms row by row.
   const int64_t grain = std::max<int64_t>(kRows, kBlock / C);
   at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin; r0 < end;) {
-      const int64_t n = r0 / S;
-      const int64_t r1 = std::min({end, r0 + kRows, (n + 1) * S});
-      const A* pn = prm + n * C;
+    for (int64_t r = begin; r < end; ++r) {
+      const A* pn = prm + (r / S) * C;
       for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
         V p0[NP], p1[NP];
         for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
-        for (int64_t r = r0; r < r1; ++r) step(r * C + c0, c, p0, p1);
+        step(r * C + c0, c, p0, p1);
       });
-      r0 = r1;
     }
   });
 }
