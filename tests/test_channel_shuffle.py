@@ -83,6 +83,20 @@ def test_channel_shuffle_every_dtype(device, dtype):
             assert torch.equal(F.channel_shuffle(xl, groups), TF.channel_shuffle(xl, groups))
 
 
+def test_contiguous_plane_sizes(device):
+    # Contiguous planes are copied in 32-byte moves with a tail move ending at
+    # the plane's end, below 32 bytes as two overlapping moves of 16/8/4/2
+    # bytes or one byte: every plane size from 1 to 135 bytes, and for
+    # cat_shuffle (whose pieces' planes are copied the same way) a few.
+    for n in range(1, 136):
+        x = torch.randint(0, 255, (2, 6, n), device=device, dtype=torch.uint8)
+        assert torch.equal(F.channel_shuffle(x, 3), TF.channel_shuffle(x, 3)), n
+    for n in (1, 3, 7, 15, 31, 33, 100):
+        a = torch.randint(0, 255, (2, 4, n), device=device, dtype=torch.uint8)
+        b = torch.randint(0, 255, (2, 2, n), device=device, dtype=torch.uint8)
+        assert torch.equal(F.cat_shuffle([a, b], 3), TF.channel_shuffle(torch.cat([a, b], 1), 3)), n
+
+
 # channels_last rows take one of three kernels: an interleave of `groups`
 # streams (groups in 2, 3, 4, 8), a de-interleave of records of cpg elements
 # (cpg in 2, 3, 4, 8), or a per-element table; streams long enough for the
