@@ -236,10 +236,11 @@ inline void copy_small(char* d, const char* s, int64_t n) {
 // move ending at n. Measured on the 2-core EPYC (AVX-512 build), 2 threads,
 // each against torch's channel_shuffle in the same process, N = 64: the
 // previous copy (64-byte Vectorized<uint8_t> moves, glibc memcpy for the
-// tail, a division per plane) ran at 0.59-0.99x torch (64x464x7x7
+// tail, a division per plane) ran at 0.59-0.97x torch (64x464x7x7
 // bfloat16: 138 us against 82); this one at 0.94-1.34x (64x464x7x7
-// bfloat16 48 us against 65, float32 86 against 100). 64-byte moves were
-// no faster than 32-byte ones, 16-byte ones slower.
+// bfloat16 48 us against 65, float32 86 against 100). With the glibc tail
+// and the division still in place, 64- and 16-byte moves were slower than
+// 32-byte ones in most cases (a few within 5% either way).
 inline void copy_plane(char* dst, const char* src, int64_t n) {
   constexpr int64_t W = 32;
   if (n < W) return copy_small(dst, src, n);

@@ -15,8 +15,9 @@
 // kernels read them once. A cache-resident channels_last variant was tried
 // (a task = a few whole groups of one sample: S rows of w channels at row
 // stride C, every pass back to back; also with the rows first copied to a
-// contiguous scratch): on the 2-core EPYC it was 2-4x slower than the
-// streaming passes here (2x320x64x64 float32 forward 0.37 -> 1.6-2.5 ms):
+// contiguous scratch): on the 2-core EPYC it was 1.2-7x slower than the
+// streaming passes here, in separate runs (2x320x64x64 float32 forward
+// 0.37 -> 1.6-2.5 ms):
 // runs of a few dozen bytes per row defeat the prefetchers, and row strides
 // that are multiples of 256 bytes map the rows to few cache sets.
 #include "group_norm.h"
@@ -49,7 +50,8 @@ constexpr int64_t kStatChunk = 4096;
 constexpr int64_t kStatChunkCl = 65536;
 constexpr int64_t kReduceChunk = 65536;
 constexpr int64_t kBlock = 16384;        // elements per elementwise task
-constexpr int64_t kRows = 16;            // channels_last statistics: rows per register block
+constexpr int64_t kRows = 16;            // channels_last: statistics rows per register block,
+                                         // fewest rows per elementwise task
 
 template <Act ACT, typename V>
 TF_ALWAYS_INLINE V act_fwd(const V& y) {
@@ -326,10 +328,11 @@ void pointwise_kernel(const PointwiseParams& pp) {
   // Row by row, in memory order; each step reloads its coefficients (L1
   // hits), rather than blocks of 16 rows swept channel step by channel step
   // with the coefficients in registers. With the per-channel sums below made
-  // the same way, the channels_last backward on the 2-core EPYC went, best
-  // of three alternating processes, 2x320x64x64 float32 1.10 -> 0.78 ms,
-  // 8x256x56x56 bfloat16 with SiLU 4.17 -> 3.09 ms (no case slower beyond
-  // the VM's noise).
+  // the same way and the elementwise helpers forced inline, the
+  // channels_last backward on the 2-core EPYC went, best of three
+  // alternating processes, 2x320x64x64 float32 1.10 -> 0.78 ms, 8x256x56x56
+  // bfloat16 with SiLU 4.17 -> 3.09 ms (no case slower beyond the VM's
+  // noise).
   const int64_t grain = std::max<int64_t>(kRows, kBlock / C);
   at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -395,11 +398,11 @@ void reduce_kernel(const ReduceParams& rp) {
       const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
       // Row by row, in memory order, the sums in acc (L1). Measured on the
       // 2-core EPYC, both variants interleaved in one process, backward:
-      // 1.0-1.4x faster than blocks of 16 rows swept channel step by channel
-      // step with the sums in registers (8x256x56x56 bfloat16 5.7 -> 4.5 ms,
-      // 2x320x64x64 float32 2.6 -> 1.8 ms, with the machine loaded). The
-      // statistics kernel keeps its 16-row blocks: there row by row was
-      // 1.2-1.5x slower.
+      // 0.96-1.53x the speed of blocks of 16 rows swept channel step by
+      // channel step with the sums in registers (8x256x56x56 bfloat16
+      // 5.7 -> 4.5 ms, 2x320x64x64 float32 2.6 -> 1.8 ms, while the VM ran
+      // slow). The statistics kernel keeps its 16-row blocks: there row by
+      // row was 1.15-1.55x slower.
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t row = (n * S + s) * C;
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
