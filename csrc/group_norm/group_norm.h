@@ -7,11 +7,14 @@
 // with S the product of the spatial sizes. Group g holds channels
 // [g * D, (g + 1) * D), D = C / G.
 //
-// The device launchers only stream over the data; everything on (N, C) or
+// The device launchers stream over the data; everything on (N, C) or
 // (N, G)-sized data (combining partial statistics, per-channel coefficients,
-// parameter gradients) is done in group_norm.cpp, in float64: with ATen ops
-// for CUDA tensors, with scalar host loops for CPU tensors (same formulas).
+// parameter gradients) is the float64 algebra of group_norm_algebra.h, run
+// by each device's `algebra` launcher (host loops on CPU, one thread per
+// item on CUDA) in the order group_norm.cpp gives.
 #pragma once
+
+#include "group_norm_algebra.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -118,6 +121,10 @@ struct Launchers {
   void (*stats)(const StatsParams&);
   void (*pointwise)(const PointwiseParams&);
   void (*reduce)(const ReduceParams&);
+  // One step of the (N, C)-sized algebra (group_norm_algebra.h) over all its
+  // items, for float (float32/float16/bfloat16 input) and double statistics.
+  void (*algebra)(AlgStep, const AlgView<float>&);
+  void (*algebra64)(AlgStep, const AlgView<double>&);
   int64_t stat_chunk;    // elements per statistics chunk (contiguous input)
   int64_t stat_chunk_cl; // elements per statistics chunk (channels_last)
   bool cl_per_group;     // cl statistics chunks count D (true) or C channels
@@ -126,26 +133,6 @@ struct Launchers {
   void (*fused_bwd)(const FusedParams&) = nullptr;
   int64_t fused_bytes = 0;  // largest group (bytes of x, plus dy) to fuse
 };
-
-// Whether |mean| * rstd is large enough for the float32 mean's rounding to
-// matter (see group_norm.cpp).
-constexpr double kMeanTol = 4.0;
-
-// Chunk statistics combined in float64, in chunk order, into the group's
-// (mean, 1 / sqrt(var + eps)). mean_k(k), m2_k(k): chunk k's mean and centred
-// sum of squares; count(k): its elements; M: the group's elements.
-template <typename MeanK, typename M2K, typename Count>
-std::pair<double, double> combine_chunks(
-    int64_t K, double M, double eps, const MeanK& mean_k, const M2K& m2_k, const Count& count) {
-  double mu = 0, m2 = 0;
-  for (int64_t k = 0; k < K; ++k) mu += count(k) * mean_k(k);
-  mu /= M;
-  for (int64_t k = 0; k < K; ++k) {
-    const double d = mean_k(k) - mu;
-    m2 += m2_k(k) + count(k) * d * d;
-  }
-  return {mu, 1.0 / std::sqrt(m2 / M + eps)};
-}
 
 Act parse_activation(std::string_view name, const char* op);
 

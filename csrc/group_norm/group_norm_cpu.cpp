@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <type_traits>
 #include <vector>
@@ -449,16 +450,15 @@ void fused_fwd_kernel(const FusedParams& fp) {
   A* mean = fp.mean.mutable_data_ptr<A>();
   A* rstd = fp.rstd.mutable_data_ptr<A>();
   at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<double, double>> parts(K);
+    std::vector<double> mean_k(K), m2_k(K);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t base = ng * M, c0 = (ng % g.G) * D;
       for (int64_t k = 0; k < K; ++k) {
-        parts[k] = chunk_stats(x + base + k * L, std::min(L, M - k * L));
+        std::tie(mean_k[k], m2_k[k]) = chunk_stats(x + base + k * L, std::min(L, M - k * L));
       }
       const auto [mu, r] = combine_chunks(
-          K, static_cast<double>(M), fp.eps, [&](int64_t k) { return parts[k].first; },
-          [&](int64_t k) { return parts[k].second; },
-          [&](int64_t k) { return static_cast<double>(std::min(L, M - k * L)); });
+          K, static_cast<double>(M), fp.eps, mean_k.data(), m2_k.data(), static_cast<double>(L),
+          static_cast<double>(M - (K - 1) * L));
       const A hi = static_cast<A>(mu);
       const double lo = mu - static_cast<double>(hi);
       mean[ng] = hi;
@@ -598,13 +598,33 @@ void fused_bwd_cpu(const FusedParams& fp) {
       });
 }
 
+// The (N, C)-sized algebra: each step's items in order, on the calling thread
+// (a few thousand items at most for real layers; the loops are what the
+// steps were measured with, see group_norm.cpp).
+template <typename A>
+void algebra_cpu(AlgStep s, const AlgView<A>& v) {
+  const int64_t items = alg_items(s, v);
+  for (int64_t i = 0; i < items; ++i) alg_step(s, v, i);
+}
+
 }  // namespace
 
 // Groups of up to 512 KiB (x, plus dy in the backward) are processed whole by
 // one task each, so their second and third passes read from L2 (1 MiB here).
-const Launchers kCpu{stats_cpu,    pointwise_cpu, reduce_cpu,    kStatChunk,
-                     kStatChunkCl, false,         kReduceChunk,  fused_fwd_cpu,
-                     fused_bwd_cpu, int64_t{1} << 19};
+const Launchers kCpu{
+    .stats = stats_cpu,
+    .pointwise = pointwise_cpu,
+    .reduce = reduce_cpu,
+    .algebra = algebra_cpu<float>,
+    .algebra64 = algebra_cpu<double>,
+    .stat_chunk = kStatChunk,
+    .stat_chunk_cl = kStatChunkCl,
+    .cl_per_group = false,
+    .reduce_chunk = kReduceChunk,
+    .fused_fwd = fused_fwd_cpu,
+    .fused_bwd = fused_bwd_cpu,
+    .fused_bytes = int64_t{1} << 19,
+};
 
 TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
   m.impl("group_norm", &group_norm_op<kCpu>);

@@ -14,7 +14,15 @@
 //     a workspace and summed in a fixed order;
 //   * elementwise passes (forward output, dx): grid-stride, 16-byte vector
 //     accesses when every pointer is aligned and numel divides, else scalar;
-//     64-bit indexing throughout.
+//     64-bit indexing throughout, the coefficient index divided out once per
+//     vector when the vector cannot cross a plane (contiguous: S % V == 0)
+//     or a row (channels_last: C % V == 0);
+//   * the (N, C)-sized algebra between them: one small kernel per step, one
+//     thread per group or plane, running the functions of
+//     group_norm_algebra.h that the CPU runs as loops (so the CPU tests check
+//     their arithmetic): 1 launch in the forward, 5 in the backward (float32
+//     statistics always take the kCorrect pass: deciding on the host would
+//     need a device sync), where ATen ops took about 30 and 60.
 #include "group_norm.h"
 
 #include "../common/cuda_utils.cuh"
@@ -131,7 +139,7 @@ __global__ void pointwise_kernel(
     const T* __restrict__ dy,
     T* __restrict__ out,
     const at::opmath_type<T>* __restrict__ prm,
-    int64_t nvec, int64_t C, int64_t S, int64_t NC, bool cl) {
+    int64_t nvec, int64_t C, int64_t S, int64_t NC, bool cl, bool uniform) {
   using A = at::opmath_type<T>;
   constexpr int NP = num_params(MODE);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
@@ -141,9 +149,12 @@ __global__ void pointwise_kernel(
     Vec<T, V> dv;
     if constexpr (MODE == Mode::kBackward) dv = load_vec<T, V>(dy + e0);
     Vec<T, V> ov;
+    // uniform: the V elements lie in one plane (planar) or are V consecutive
+    // channels of one row (cl), so the (64-bit) divisions are done once.
+    const int64_t pc0 = coef_index(e0, C, S, cl);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t pc = coef_index(e0 + j, C, S, cl);
+      const int64_t pc = uniform ? pc0 + (cl ? j : 0) : coef_index(e0 + j, C, S, cl);
       A p[NP];
 #pragma unroll
       for (int q = 0; q < NP; ++q) p[q] = prm[q * NC + pc];
@@ -273,7 +284,7 @@ void pointwise_launch_v(const PointwiseParams& pp) {
           pp.x.const_data_ptr<T>(),
           MODE == Mode::kBackward ? pp.dy.const_data_ptr<T>() : nullptr,
           pp.out.mutable_data_ptr<T>(), pp.params.const_data_ptr<A>(), nvec, g.C, g.S,
-          g.N * g.C, g.cl);
+          g.N * g.C, g.cl, (g.cl ? g.C : g.S) % V == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -308,6 +319,25 @@ void reduce_launch(const ReduceParams& rp) {
     reduce_cl_kernel<T, MODE, ACT><<<g.N * rp.K * tiles, dim3(kTileC, kTileR), 0, stream>>>(
         x, dy, prm, part, g.N, g.C, g.S, rp.K, rp.R, tiles);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------- algebra
+// One thread per item of an algebra step (group_norm_algebra.h: the same
+// functions the CPU runs in a loop).
+template <typename A>
+__global__ void algebra_kernel(AlgStep s, AlgView<A> v, int64_t items) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < items) alg_step(s, v, i);
+}
+
+template <typename A>
+void algebra_cuda(AlgStep s, const AlgView<A>& v) {
+  constexpr int kAlgThreads = 128;
+  const int64_t items = alg_items(s, v);
+  if (items == 0) return;
+  algebra_kernel<A><<<ceil_div(items, kAlgThreads), kAlgThreads, 0,
+                      at::cuda::getCurrentCUDAStream()>>>(s, v, items);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -350,8 +380,17 @@ void reduce_cuda(const ReduceParams& rp) {
 
 // Statistics chunks of ~4096 elements of one group (cl: R = 4096 / D rows);
 // reduction chunks of 4096 positions (cl: 4096 / C rows).
-const Launchers kCuda{stats_cuda, pointwise_cuda, reduce_cuda, kStatChunk, kStatChunk, true,
-                      kReduceChunk};
+const Launchers kCuda{
+    .stats = stats_cuda,
+    .pointwise = pointwise_cuda,
+    .reduce = reduce_cuda,
+    .algebra = algebra_cuda<float>,
+    .algebra64 = algebra_cuda<double>,
+    .stat_chunk = kStatChunk,
+    .stat_chunk_cl = kStatChunk,
+    .cl_per_group = true,
+    .reduce_chunk = kReduceChunk,
+};
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
   m.impl("group_norm", &group_norm_op<kCuda>);
