@@ -103,17 +103,3 @@ TORCH_LIBRARY(torchfuse, m) {
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
 }
-
-#ifdef TORCHFUSE_PYTHON_MODULE
-// `import torchfuse._C` loads this shared object, which runs the static
-// registrations above. The module itself is empty: everything is reached
-// through torch.ops.torchfuse.
-#include <Python.h>
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "torchfuse compiled ops", -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-#endif

@@ -330,6 +330,95 @@ def test_cat_shuffle_bad_device():
         F.cat_shuffle([randn(2, 2, 3, device="cuda"), randn(2, 2, 3)], 2)
 
 
+# ----------------------------------------------------- direct entries (_C)
+_DIRECT = torchfuse._ops.DIRECT
+needs_direct = pytest.mark.skipif(
+    set(_DIRECT) != {"channel_shuffle", "cat_shuffle"}, reason="extension without direct entries")
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@needs_direct
+def test_direct_entries_take_the_plain_case(device):
+    x = randn(2, 6, 5, 4, device=device)
+    a, b = randn(2, 2, 5, 4, device=device), randn(2, 4, 5, 4, device=device)
+    cat_ref = TF.channel_shuffle(torch.cat([a, b], 1), 3)
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = _DIRECT["channel_shuffle"](t, 3)
+        assert torch.equal(out, TF.channel_shuffle(t, 3))
+        assert out.is_contiguous(memory_format=torch.channels_last) == (t is not x)
+    assert torch.equal(_DIRECT["cat_shuffle"]([a, b], 3), cat_ref)
+    assert torch.equal(_DIRECT["cat_shuffle"]((a, b), 3), cat_ref)
+    # requires_grad with grad mode off: nothing to record, the entry takes it
+    with torch.no_grad():
+        out = _DIRECT["channel_shuffle"](x.clone().requires_grad_(), 3)
+    assert out is not None and not out.requires_grad
+    # a bad groups value reaches the op's own check: the usual error
+    with pytest.raises(RuntimeError, match="groups"):
+        _DIRECT["channel_shuffle"](x, 4)
+
+
+@needs_direct
+def test_direct_entries_decline_the_rest(device):
+    """None (the usual path then runs) for anything but the plain case."""
+    cs, cat = _DIRECT["channel_shuffle"], _DIRECT["cat_shuffle"]
+    x = randn(2, 6, 5, device=device)
+    declined = [
+        lambda: cs(x.clone().requires_grad_(), 3),  # autograd must record it
+        lambda: cs(x.as_subclass(_Sub), 3),  # __torch_function__ of its own
+        lambda: cs(x, 3.0),
+        lambda: cs(x, True),
+        lambda: cs(x, torch.tensor(3)),
+        lambda: cs(x, 2**70),
+        lambda: cs("x", 3),
+        lambda: cs(x),
+        lambda: cs(x.to("meta"), 3),  # no kernel for the device (fake kernel path)
+        lambda: cat([x, x.double()], 3),  # promoted by the usual path
+        lambda: cat([], 3),
+        lambda: cat(x, 3),
+        lambda: cat([x, "x"], 3),
+        lambda: cat([x, x.clone().requires_grad_()], 3),
+    ]
+    for i, f in enumerate(declined):
+        assert f() is None, i
+    with _Mode():
+        assert cs(x, 3) is None
+        assert cat([x, x], 3) is None
+
+
+@needs_direct
+def test_functional_routes_through_direct_only_in_the_plain_case(device, monkeypatch):
+    import torchfuse.functional as functional
+
+    calls = []
+
+    def spy(real):
+        def f(*args):
+            out = real(*args)
+            calls.append(out is not None)
+            return out
+        return f
+
+    monkeypatch.setattr(functional, "_direct_channel_shuffle", spy(_DIRECT["channel_shuffle"]))
+    x = randn(2, 6, 5, device=device, requires_grad=True)
+    y = F.channel_shuffle(x, 3)  # declined: the gradient is recorded as usual
+    y.backward(torch.ones_like(y))
+    assert calls == [False] and torch.equal(x.grad, torch.ones_like(x))
+    with torch.no_grad():
+        assert torch.equal(F.channel_shuffle(x, 3), TF.channel_shuffle(x, 3))
+    assert calls == [False, True]
+    with _Mode():  # the mode sees the call (through the usual path)
+        F.channel_shuffle(x.detach(), 3)
+    assert calls == [False, True, False]
+
+
 # --------------------------------------------------------------------- module
 def test_module_is_drop_in(device):
     ref = torch.nn.ChannelShuffle(3)

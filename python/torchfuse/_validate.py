@@ -54,6 +54,8 @@ def floating(t: torch.Tensor, fn: str, arg: str = "input") -> None:
 
 def integer(value, fn: str, arg: str, position: int | None = None) -> None:
     """An int argument (bool and float rejected), as torch's parser does."""
+    if type(value) is int:  # the common case, without the ABC check below
+        return
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         where = f" (position {position})" if position is not None else ""
         raise TypeError(

@@ -15,8 +15,9 @@ import warnings
 import torch
 
 EXTENSION_ERROR: str | None = None
+_C = None
 try:
-    from .. import _C  # noqa: F401  (loading it runs the op registrations)
+    from .. import _C  # loading it runs the op registrations
 except ImportError as e:  # missing, or built against another torch
     EXTENSION_ERROR = f"{type(e).__name__}: {e}"
 
@@ -120,6 +121,23 @@ def register_autograd(name: str, backward, setup_context) -> None:
     }))
 
 
+# op name -> the extension's direct entry for it (csrc/python_module.cpp),
+# for ops whose small-tensor cost is the call path: direct(*args) runs the
+# op below the Autograd key and returns its result when the call is the plain
+# case (no gradient to record, plain tensors, a kernel for the device), else
+# None. Not to be called under torch.compile (the compiler cannot trace it).
+DIRECT: dict[str, object] = {
+    name: getattr(_C, name) for name in ("channel_shuffle", "cat_shuffle") if hasattr(_C, name)
+}
+
+
+def _needs_grad(tensors) -> bool:
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
+
+
 def _run(op, function, op_args: tuple, function_args: tuple, tensors) -> object:
     """op(*op_args) under torch.compile (the compiler traces the op with its
     registered autograd); function.apply(*function_args) when autograd has to
@@ -129,7 +147,7 @@ def _run(op, function, op_args: tuple, function_args: tuple, tensors) -> object:
     call, 1x232x14x14 channel_shuffle: 12.5 -> 11.1 us)."""
     if torch.compiler.is_compiling():
         return op(*op_args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and _needs_grad(tensors):
         return function.apply(*function_args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*op_args)
@@ -139,7 +157,7 @@ def call(name: str, *args):
     """torch.ops.torchfuse.<name>.default(*args), through the op's Function
     (FUNCTIONS) when autograd has to record it (see _run)."""
     op, function = FUNCTIONS[name]
-    return _run(op, function, args, args, (a for a in args if isinstance(a, torch.Tensor)))
+    return _run(op, function, args, args, args)
 
 
 def call_list(name: str, tensors: list, *args):
