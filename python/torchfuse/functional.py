@@ -141,8 +141,10 @@ def group_norm(
 
 
 # The extension's direct entries (_ops.DIRECT): on small tensors most of a
-# shuffle's cost is the call path, which they skip. Measured per call on the
-# 2-core EPYC VM, 1x232x14x14 bfloat16, no grad: see the README.
+# shuffle's cost is the call path, which they skip. Per call, no grad,
+# 1x232x14x14 bfloat16 (2-core VM, interleaved with torch in one process):
+# channel_shuffle 7.4 -> 4.3 us (torch 4.9), cat_shuffle 9.8 -> 4.9 us
+# (torch's cat + channel_shuffle 9.3).
 _direct_channel_shuffle = DIRECT.get("channel_shuffle")
 _direct_cat_shuffle = DIRECT.get("cat_shuffle")
 
