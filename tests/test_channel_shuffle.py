@@ -356,13 +356,66 @@ def test_direct_entries_take_the_plain_case(device):
         assert out.is_contiguous(memory_format=torch.channels_last) == (t is not x)
     assert torch.equal(_DIRECT["cat_shuffle"]([a, b], 3), cat_ref)
     assert torch.equal(_DIRECT["cat_shuffle"]((a, b), 3), cat_ref)
-    # requires_grad with grad mode off: nothing to record, the entry takes it
+    # requires_grad with grad mode off: nothing to record
     with torch.no_grad():
         out = _DIRECT["channel_shuffle"](x.clone().requires_grad_(), 3)
     assert out is not None and not out.requires_grad
     # a bad groups value reaches the op's own check: the usual error
     with pytest.raises(RuntimeError, match="groups"):
         _DIRECT["channel_shuffle"](x, 4)
+    with pytest.raises(RuntimeError, match="groups"):
+        _DIRECT["channel_shuffle"](x.clone().requires_grad_(), 4)
+
+
+@needs_direct
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_direct_entries_record_gradients(device, layout):
+    """With a gradient to record, the entries return a tensor whose C++
+    autograd node gives the inverse shuffle (cat: each piece's slice), with
+    double backward through the ops' own registered autograd."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = randn(2, 6, 5, 4, device=device).contiguous(memory_format=fmt).requires_grad_()
+    a = randn(2, 2, 5, 4, device=device).contiguous(memory_format=fmt).requires_grad_()
+    b = randn(2, 4, 5, 4, device=device).contiguous(memory_format=fmt).requires_grad_()
+    g = randn(2, 6, 5, 4, device=device)
+    out = _DIRECT["channel_shuffle"](x, 3)
+    assert "ChannelShuffleFn" in out.grad_fn.name()  # the C++ node, not a Python Function
+    x_ref = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gx_ref,) = torch.autograd.grad(TF.channel_shuffle(x_ref, 3), x_ref, g)
+    assert torch.equal(gx, gx_ref)
+    out = _DIRECT["cat_shuffle"]([a, b], 3)
+    assert "CatShuffleFn" in out.grad_fn.name()
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    ref = TF.channel_shuffle(torch.cat([a, b], 1), 3)
+    ga_ref, gb_ref = torch.autograd.grad(ref, (a, b), g)
+    assert torch.equal(ga, ga_ref) and torch.equal(gb, gb_ref)
+    # only one piece requiring grad
+    out = _DIRECT["cat_shuffle"]([a.detach(), b], 3)
+    (gb1,) = torch.autograd.grad(out, (b,), g)
+    assert torch.equal(gb1, gb_ref)
+    # double backward: the gradient of <grad(out, x, v), w> with respect to v
+    v = g.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(_DIRECT["channel_shuffle"](x, 3), x, v, create_graph=True)
+    w = randn(2, 6, 5, 4, device=device)
+    (gv,) = torch.autograd.grad(gx, v, w)
+    assert torch.equal(gv, TF.channel_shuffle(w, 3))
+    (ga, gb) = torch.autograd.grad(_DIRECT["cat_shuffle"]([a, b], 3), (a, b), v,
+                                   create_graph=True)
+    (gv,) = torch.autograd.grad((ga, gb), v, (w[:, :2], w[:, 2:]))
+    assert torch.equal(gv, TF.channel_shuffle(w, 3))
+
+
+@needs_direct
+def test_direct_entries_gradcheck(device):
+    x = randn(2, 6, 3, dtype=torch.float64, device=device, requires_grad=True)
+    a = randn(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    b = randn(2, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    cs, cat = _DIRECT["channel_shuffle"], _DIRECT["cat_shuffle"]
+    assert torch.autograd.gradcheck(lambda t: cs(t, 3), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: cs(t, 3), (x,))
+    assert torch.autograd.gradcheck(lambda p, q: cat([p, q], 2), (a, b))
+    assert torch.autograd.gradgradcheck(lambda p, q: cat([p, q], 2), (a, b))
 
 
 @needs_direct
@@ -371,7 +424,6 @@ def test_direct_entries_decline_the_rest(device):
     cs, cat = _DIRECT["channel_shuffle"], _DIRECT["cat_shuffle"]
     x = randn(2, 6, 5, device=device)
     declined = [
-        lambda: cs(x.clone().requires_grad_(), 3),  # autograd must record it
         lambda: cs(x.as_subclass(_Sub), 3),  # __torch_function__ of its own
         lambda: cs(x, 3.0),
         lambda: cs(x, True),
@@ -384,7 +436,6 @@ def test_direct_entries_decline_the_rest(device):
         lambda: cat([], 3),
         lambda: cat(x, 3),
         lambda: cat([x, "x"], 3),
-        lambda: cat([x, x.clone().requires_grad_()], 3),
     ]
     for i, f in enumerate(declined):
         assert f() is None, i
@@ -394,7 +445,7 @@ def test_direct_entries_decline_the_rest(device):
 
 
 @needs_direct
-def test_functional_routes_through_direct_only_in_the_plain_case(device, monkeypatch):
+def test_functional_routes_through_direct(device, monkeypatch):
     import torchfuse.functional as functional
 
     calls = []
@@ -408,15 +459,15 @@ def test_functional_routes_through_direct_only_in_the_plain_case(device, monkeyp
 
     monkeypatch.setattr(functional, "_direct_channel_shuffle", spy(_DIRECT["channel_shuffle"]))
     x = randn(2, 6, 5, device=device, requires_grad=True)
-    y = F.channel_shuffle(x, 3)  # declined: the gradient is recorded as usual
+    y = F.channel_shuffle(x, 3)
     y.backward(torch.ones_like(y))
-    assert calls == [False] and torch.equal(x.grad, torch.ones_like(x))
+    assert calls == [True] and torch.equal(x.grad, torch.ones_like(x))
     with torch.no_grad():
         assert torch.equal(F.channel_shuffle(x, 3), TF.channel_shuffle(x, 3))
-    assert calls == [False, True]
+    assert calls == [True, True]
     with _Mode():  # the mode sees the call (through the usual path)
         F.channel_shuffle(x.detach(), 3)
-    assert calls == [False, True, False]
+    assert calls == [True, True, False]
 
 
 # --------------------------------------------------------------------- module

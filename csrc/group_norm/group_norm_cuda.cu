@@ -66,14 +66,29 @@ __device__ __forceinline__ A act_grad(A dy, A y) {
   }
 }
 
-// Offset of element e of chunk (n, g, k) for the statistics pass.
-struct ChunkIndex {
-  bool cl;
-  int64_t base, C, D;
-  __device__ __forceinline__ int64_t operator()(int64_t e) const {
-    return cl ? base + (e / D) * C + e % D : base + e;
+// Calls f(offset) for this thread's elements of a statistics chunk of cnt
+// elements starting at `base`: contiguous (planar), or rows of D channels at
+// row stride C (cl; element e is row e / D, channel e % D, stepped without a
+// division per element).
+template <typename F>
+__device__ __forceinline__ void for_chunk(bool cl, int64_t base, int64_t cnt, int64_t C,
+                                          int64_t D, const F& f) {
+  if (!cl) {
+    for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) f(base + e);
+    return;
   }
-};
+  const int64_t step_r = blockDim.x / D, step_j = blockDim.x % D;
+  int64_t r = threadIdx.x / D, j = threadIdx.x % D;
+  for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) {
+    f(base + r * C + j);
+    r += step_r;
+    j += step_j;
+    if (j >= D) {
+      j -= D;
+      ++r;
+    }
+  }
+}
 
 // ------------------------------------------------------------- statistics
 template <typename T>
@@ -87,26 +102,25 @@ __global__ void stats_kernel(
   __shared__ A smem[32];
   const int64_t t = blockIdx.x;  // (n * G + g) * K + k
   const int64_t k = t % K, ng = t / K, g = ng % G, n = ng / G;
-  int64_t cnt;
-  ChunkIndex idx{cl, 0, C, D};
+  int64_t cnt, base;
   if (!cl) {
     const int64_t M = D * S;
-    idx.base = ng * M + k * L;
+    base = ng * M + k * L;
     cnt = min(L, M - k * L);
   } else {
     const int64_t r0 = k * R;
-    idx.base = (n * S + r0) * C + g * D;
+    base = (n * S + r0) * C + g * D;
     cnt = min(R, S - r0) * D;
   }
   A s = 0;
-  for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) s += static_cast<A>(x[idx(e)]);
+  for_chunk(cl, base, cnt, C, D, [&](int64_t o) { s += static_cast<A>(x[o]); });
   const A m0 = block_sum(s, smem) / static_cast<A>(cnt);
   A s1 = 0, s2 = 0;
-  for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) {
-    const A d = static_cast<A>(x[idx(e)]) - m0;
+  for_chunk(cl, base, cnt, C, D, [&](int64_t o) {
+    const A d = static_cast<A>(x[o]) - m0;
     s1 += d;
     s2 += d * d;
-  }
+  });
   s1 = block_sum(s1, smem);
   s2 = block_sum(s2, smem);
   if (threadIdx.x == 0) {
