@@ -122,10 +122,11 @@ def register_autograd(name: str, backward, setup_context) -> None:
 
 
 # op name -> the extension's direct entry for it (csrc/python_module.cpp),
-# for ops whose small-tensor cost is the call path: direct(*args) runs the
-# op below the Autograd key and returns its result when the call is the plain
-# case (no gradient to record, plain tensors, a kernel for the device), else
-# None. Not to be called under torch.compile (the compiler cannot trace it).
+# for ops whose small-tensor cost is the call path: direct(*args) returns the
+# op's result when the call is the plain case (plain tensors, int arguments,
+# a kernel for the device), recording the gradient through a C++ autograd
+# node when one is needed, else None. Not to be called under torch.compile
+# (the compiler cannot trace it).
 DIRECT: dict[str, object] = {
     name: getattr(_C, name) for name in ("channel_shuffle", "cat_shuffle") if hasattr(_C, name)
 }
