@@ -54,7 +54,12 @@ if ! step build "$OUT/build.log" "${T_BUILD:-200}" "$PY" -m pip install --no-bui
 fi
 "$PY" -m torchfuse.info >> "$OUT/summary.txt" 2>&1
 
-step tests "$OUT/tests.log" "${T_TESTS:-120}" "$PY" -m pytest tests -q -rs -p no:cacheprovider
+# -v: every test's outcome is in the log as it happens, so a run cut off by
+# its time limit still says what passed and failed; faulthandler dumps the
+# stacks of a test that runs over 60 s (a hung kernel); --durations names
+# the slow tests for sizing T_TESTS.
+step tests "$OUT/tests.log" "${T_TESTS:-120}" "$PY" -m pytest tests -v -rfEs -p no:cacheprovider \
+  -o faulthandler_timeout=60 --durations=25
 
 SAN=$(command -v compute-sanitizer || echo "$("$PY" tools/build_env.py cuda-home)/bin/compute-sanitizer")
 if [ -x "$SAN" ]; then
