@@ -178,6 +178,31 @@ def test_k_zero_all_zero_input_like_torch(device):
     assert torch.isnan(TF.local_response_norm(x, 3, 1e-4, 0.75, 0.0)).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=str)
+def test_non_finite_input_stays_in_its_window(device, bad):
+    """An inf or NaN input affects only the outputs (and input gradients)
+    whose windows hold it, as in torch's composite: a running window sum must
+    not carry it along after it leaves the window (inf - inf), nor the clamp
+    of the sum at zero turn NaN into 0. The rest must match torch."""
+    x = randn(2, 7, 40, 6, device=device)
+    x[1, 3, 2, 4] = bad
+    g = randn(2, 7, 40, 6, device=device)
+    for ours_fn, ref_fn, n_bad in (
+        (F.local_response_norm, TF.local_response_norm, 3),
+        (F.spatial_response_norm, R.spatial_response_norm, 9),
+    ):
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, ref = ours_fn(xo, 3, k=2.0), ref_fn(xr, 3, k=2.0)
+        (go,) = torch.autograd.grad(ours, xo, g)
+        (gr,) = torch.autograd.grad(ref, xr, g)
+        for o, r in ((ours, ref), (go, gr)):
+            fin = r.isfinite()
+            assert torch.equal(o.isfinite(), fin)
+            assert torch.equal(o.isnan(), r.isnan())
+            torch.testing.assert_close(o[fin], r[fin], rtol=1e-4, atol=1e-5)
+        assert (~ours.isfinite()).sum() <= n_bad
+
+
 def test_gradcheck(device):
     x = randn(2, 5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
     x3 = randn(2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)

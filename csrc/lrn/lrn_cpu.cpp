@@ -6,8 +6,10 @@
 // squares sit in a small scratch buffer (L1/L2) and the window sums over rows
 // are running sums, so the cost does not grow with `size`; every
 // max(16, size) rows the sum is re-anchored (summed afresh) so that rounding
-// drift of the running add/subtract stays bounded. Spatial column windows use
-// a float64 prefix sum per row. The backward recomputes S from x (only x is
+// drift of the running add/subtract stays bounded, and wherever the running
+// sum is not finite (an inf or NaN input stays in it after leaving the
+// window). Spatial column windows use a float64 prefix sum per row (a window
+// whose difference is not finite is summed directly). The backward recomputes S from x (only x is
 // saved), stores s^-beta and dy*y/s for the tile, and runs the reflected
 // window over the latter: x and dy are read from memory once, dx written once.
 #include "lrn.h"
@@ -51,14 +53,16 @@ void window_rows(const A* q, int64_t R, int64_t ld, int64_t m, int64_t lo, int64
   using AVec = at::vec::Vectorized<A>;
   constexpr int64_t K = AVec::size();
   const int64_t period = std::max<int64_t>(16, lo + hi + 1);
+  constexpr int kFinite = (1 << K) - 1;  // zero_mask of (a - a) when every lane is finite
   for (int64_t r = 0; r < R; ++r) {
+    const int64_t i0 = std::max<int64_t>(0, r - lo), i1 = std::min(R - 1, r + hi);
+    auto direct = [&](int64_t j, int64_t c) {
+      AVec a(A(0));
+      for (int64_t i = i0; i <= i1; ++i) a = a + AVec::loadu(q + i * ld + j, c);
+      return a;
+    };
     if (r % period == 0) {
-      const int64_t i0 = std::max<int64_t>(0, r - lo), i1 = std::min(R - 1, r + hi);
-      for_each_step<K>(m, [&](int64_t j, int64_t c) {
-        AVec a(A(0));
-        for (int64_t i = i0; i <= i1; ++i) a = a + AVec::loadu(q + i * ld + j, c);
-        a.store(acc + j, c);
-      });
+      for_each_step<K>(m, [&](int64_t j, int64_t c) { direct(j, c).store(acc + j, c); });
     } else {
       const bool add = r + hi < R, sub = r - lo - 1 >= 0;
       const A* qa = q + (r + hi) * ld;
@@ -67,6 +71,10 @@ void window_rows(const A* q, int64_t R, int64_t ld, int64_t m, int64_t lo, int64
         AVec a = AVec::loadu(acc + j, c);
         if (add) a = a + AVec::loadu(qa + j, c);
         if (sub) a = a - AVec::loadu(qs + j, c);
+        // An inf or NaN that entered the running sum would stay after it
+        // leaves the window (inf - inf): such sums are taken afresh, so a
+        // non-finite input spreads over its own window only, as in torch.
+        if ((a - a).zero_mask() != kFinite) a = direct(j, c);
         a.store(acc + j, c);
       });
     }
@@ -81,8 +89,13 @@ void window_cols(const A* v, A* dst, int64_t W, int64_t lo, int64_t hi, double* 
   prefix[0] = 0;
   for (int64_t i = 0; i < W; ++i) prefix[i + 1] = prefix[i] + static_cast<double>(v[i]);
   for (int64_t w = 0; w < W; ++w) {
-    dst[w] = static_cast<A>(prefix[std::min(W, w + hi + 1)] -
-                            prefix[std::max<int64_t>(0, w - lo)]);
+    const int64_t i0 = std::max<int64_t>(0, w - lo), i1 = std::min(W, w + hi + 1);
+    double d = prefix[i1] - prefix[i0];
+    if (!std::isfinite(d)) {  // an inf or NaN in the prefix: this window's own sum
+      d = 0;
+      for (int64_t i = i0; i < i1; ++i) d += static_cast<double>(v[i]);
+    }
+    dst[w] = static_cast<A>(d);
   }
 }
 

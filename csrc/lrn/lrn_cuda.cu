@@ -4,7 +4,8 @@
 // x is viewed as (B, R, W). A thread owns one column w of one plane b and a
 // chunk of consecutive rows, and walks them with a running window sum
 // (re-anchored, i.e. summed afresh, at the chunk start and every
-// max(16, size) rows to bound rounding drift); threads of a warp own
+// max(16, size) rows to bound rounding drift, and wherever it is not finite:
+// an inf or NaN input would otherwise stay in it); threads of a warp own
 // consecutive columns, so every row access is coalesced. Rows are split into
 // chunks only as far as needed to give the GPU enough threads (batch 1).
 // The spatial op first sums x^2 (and, in the backward, dy*y/s) along columns
@@ -48,14 +49,19 @@ __device__ __forceinline__ void run_window(int64_t i0, int64_t i1, int64_t n, in
                                            const Put& put) {
   A acc = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    if (i == i0 || (i - i0) % period == 0) {
+    bool anchor = i == i0 || (i - i0) % period == 0;
+    if (!anchor) {
+      if (i + hi < n) acc += get(i + hi);
+      if (i - lo - 1 >= 0) acc -= get(i - lo - 1);
+      // an inf or NaN stays in a running sum after leaving the window
+      // (inf - inf): such sums are taken afresh, as on the CPU
+      anchor = !isfinite(acc);
+    }
+    if (anchor) {
       acc = 0;
       const int64_t j0 = i - lo > 0 ? i - lo : 0;
       const int64_t j1 = i + hi < n - 1 ? i + hi : n - 1;
       for (int64_t j = j0; j <= j1; ++j) acc += get(j);
-    } else {
-      if (i + hi < n) acc += get(i + hi);
-      if (i - lo - 1 >= 0) acc -= get(i - lo - 1);
     }
     put(i, acc);
   }
@@ -103,7 +109,7 @@ __global__ void fwd_kernel(const T* __restrict__ x, const at::opmath_type<T>* __
       [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
       [&](int64_t i, A S) {
         const int64_t off = base + i * g.W;
-        const A s = k + alpha_n * (S > A(0) ? S : A(0));
+        const A s = k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
         out[off] = static_cast<T>(static_cast<A>(x[off]) * inv_pow(s, beta));
       });
 }
@@ -124,7 +130,7 @@ __global__ void bwd_t_kernel(const T* __restrict__ x, const T* __restrict__ dy,
       [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
       [&](int64_t i, A S) {
         const int64_t off = base + i * g.W;
-        const A s = k + alpha_n * (S > A(0) ? S : A(0));
+        const A s = k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
         t[off] = static_cast<A>(dy[off]) * static_cast<A>(x[off]) * inv_pow(s, beta) / s;
       });
 }
@@ -144,7 +150,15 @@ __global__ void bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   // The two window sums advance in lock-step, row by row.
   A accS = 0, accU = 0;
   for (int64_t i = r0; i < r1; ++i) {
-    if (i == r0 || (i - r0) % g.period == 0) {
+    bool anchor = i == r0 || (i - r0) % g.period == 0;
+    if (!anchor) {
+      if (i + g.hi < g.R) accS += sq_at<T, A>(x, q, base + (i + g.hi) * g.W);
+      if (i - g.lo - 1 >= 0) accS -= sq_at<T, A>(x, q, base + (i - g.lo - 1) * g.W);
+      if (i + g.lo < g.R) accU += u[base + (i + g.lo) * g.W];
+      if (i - g.hi - 1 >= 0) accU -= u[base + (i - g.hi - 1) * g.W];
+      anchor = !isfinite(accS) || !isfinite(accU);  // see run_window
+    }
+    if (anchor) {
       accS = 0;
       accU = 0;
       for (int64_t j = (i - g.lo > 0 ? i - g.lo : 0); j <= (i + g.hi < g.R ? i + g.hi : g.R - 1);
@@ -155,14 +169,9 @@ __global__ void bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
            ++j) {
         accU += u[base + j * g.W];
       }
-    } else {
-      if (i + g.hi < g.R) accS += sq_at<T, A>(x, q, base + (i + g.hi) * g.W);
-      if (i - g.lo - 1 >= 0) accS -= sq_at<T, A>(x, q, base + (i - g.lo - 1) * g.W);
-      if (i + g.lo < g.R) accU += u[base + (i + g.lo) * g.W];
-      if (i - g.hi - 1 >= 0) accU -= u[base + (i - g.hi - 1) * g.W];
     }
     const int64_t off = base + i * g.W;
-    const A s = k + alpha_n * (accS > A(0) ? accS : A(0));
+    const A s = k + alpha_n * (accS < A(0) ? A(0) : accS);  // NaN stays NaN
     const A xv = static_cast<A>(x[off]);
     dx[off] = static_cast<T>(static_cast<A>(dy[off]) * inv_pow(s, beta) - coef * xv * accU);
   }
