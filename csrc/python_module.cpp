@@ -34,6 +34,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -204,6 +206,182 @@ PyObject* cat_shuffle(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ------------------------------------------------------------ group_norm
+using Opt = std::optional<at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using GroupNormSig = Tensor3(const at::Tensor&, int64_t, const Opt&, const Opt&, double,
+                             c10::string_view);
+using GroupNormBackwardSig = Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, int64_t, const Opt&, const Opt&,
+                                     c10::string_view, bool, bool);
+
+const Op<GroupNormSig>& group_norm_op() {
+  static const Op<GroupNormSig> op("torchfuse::group_norm");
+  return op;
+}
+
+const Op<GroupNormBackwardSig>& group_norm_backward_op() {
+  static const Op<GroupNormBackwardSig> op("torchfuse::group_norm_backward");
+  return op;
+}
+
+// torchfuse._ops.group_norm.backward_differentiable, set at import: the
+// backward written with differentiable torch ops, for create_graph=True (as
+// the op's Python autograd registration does). A new reference, never freed.
+PyObject* group_norm_double_backward = nullptr;
+
+struct Gil {
+  PyGILState_STATE state = PyGILState_Ensure();
+  ~Gil() { PyGILState_Release(state); }
+};
+
+PyObject* wrap_or_none(const at::Tensor& t) {
+  if (t.defined()) return THPVariable_Wrap(t);
+  Py_RETURN_NONE;
+}
+
+// (grad_input, grad_weight, grad_bias) from the Python differentiable
+// backward; undefined where it returns None.
+Tensor3 differentiable_backward(const at::Tensor& grad, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& bias,
+                                int64_t groups, double eps, const std::string& act) {
+  TORCH_CHECK(group_norm_double_backward != nullptr,
+              "group_norm: double backward needs torchfuse._ops.group_norm imported");
+  Gil gil;
+  PyObject* args[] = {wrap_or_none(grad), wrap_or_none(x), wrap_or_none(weight),
+                      wrap_or_none(bias), PyLong_FromLongLong(groups), PyFloat_FromDouble(eps),
+                      PyUnicode_FromString(act.c_str())};
+  PyObject* res = nullptr;
+  bool ok = true;
+  for (PyObject* a : args) ok = ok && a != nullptr;
+  if (ok) res = PyObject_Vectorcall(group_norm_double_backward, args, 7, nullptr);
+  for (PyObject* a : args) Py_XDECREF(a);
+  if (res == nullptr) throw python_error();
+  Tensor3 out;
+  at::Tensor* dst[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out)};
+  const bool tuple3 = PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 3;
+  for (int i = 0; tuple3 && i < 3; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(res, i);
+    if (THPVariable_Check(item)) *dst[i] = THPVariable_Unpack(item);
+  }
+  Py_DECREF(res);
+  TORCH_CHECK(tuple3, "group_norm: the differentiable backward must return 3 values");
+  return out;
+}
+
+struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const Opt& weight,
+                            const Opt& bias, int64_t groups, double eps, std::string act) {
+    auto [out, mean, rstd] = call_op(group_norm_op(), true, input, groups, weight, bias, eps,
+                                     c10::string_view(act));
+    ctx->save_for_backward({input, mean, rstd, weight.value_or(at::Tensor()),
+                            bias.value_or(at::Tensor())});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["need"] = std::vector<bool>{
+        input.requires_grad(), weight && weight->requires_grad(), bias && bias->requires_grad()};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2], &w = saved[3],
+                     &b = saved[4];
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    const bool need_w = w.defined() && need[1], need_b = b.defined() && need[2];
+    Tensor3 g;
+    if (c10::GradMode::is_enabled()) {  // create_graph: stay differentiable
+      g = differentiable_backward(grads[0], x, w, b, groups, ctx->saved_data["eps"].toDouble(),
+                                  act);
+    } else {
+      g = call_op(group_norm_backward_op(), true, grads[0], x, mean, rstd, groups,
+                  w.defined() ? Opt(w) : Opt(), b.defined() ? Opt(b) : Opt(),
+                  c10::string_view(act), need_w, need_b);
+    }
+    // One gradient per forward argument: input, weight, bias, groups, eps, act.
+    return {need[0] ? std::get<0>(g) : at::Tensor(), need_w ? std::get<1>(g) : at::Tensor(),
+            need_b ? std::get<2>(g) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+bool is_float_type(const at::Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+// None, or a plain tensor for an optional argument; false: not the plain case.
+bool optional_tensor(PyObject* obj, Opt& out) {
+  if (obj == Py_None) return true;
+  const at::Tensor* t = plain_tensor(obj);
+  if (t == nullptr) return false;
+  out = *t;
+  return true;
+}
+
+// group_norm(input, num_groups, weight, bias, eps, activation) -> out or None.
+// Declined (the usual path then checks and raises as torch does): anything
+// but floating input of 2+ dims, num_groups > 0, a float or int eps, an
+// activation of None, "relu" or "silu", and more than one value per
+// channel group; and every case of _C's other entries.
+PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) Py_RETURN_NONE;
+  const at::Tensor* input = plain_tensor(args[0]);
+  const std::optional<int64_t> groups = plain_int(args[1]);
+  Opt weight, bias;
+  if (input == nullptr || !groups || *groups <= 0 || !optional_tensor(args[2], weight) ||
+      !optional_tensor(args[3], bias) || !group_norm_op().has_kernel(*input) ||
+      !is_float_type(*input) || input->dim() < 2) {
+    Py_RETURN_NONE;
+  }
+  double eps = 0;
+  if (PyFloat_CheckExact(args[4])) {
+    eps = PyFloat_AS_DOUBLE(args[4]);
+  } else if (const std::optional<int64_t> e = plain_int(args[4])) {
+    eps = static_cast<double>(*e);
+  } else {
+    Py_RETURN_NONE;
+  }
+  std::string act = "none";
+  if (args[5] != Py_None) {
+    if (!PyUnicode_CheckExact(args[5])) Py_RETURN_NONE;
+    const char* a = PyUnicode_AsUTF8(args[5]);
+    if (a == nullptr) throw python_error();
+    act = a;
+    if (act != "relu" && act != "silu") Py_RETURN_NONE;
+  }
+  // torch's "more than 1 value per channel" check (a ValueError there)
+  int64_t values = input->size(0) * input->size(1) / *groups;
+  for (int64_t d = 2; d < input->dim(); ++d) values *= input->size(d);
+  if (values == 1) Py_RETURN_NONE;
+  const bool grad = needs_grad(*input) || (weight && needs_grad(*weight)) ||
+                    (bias && needs_grad(*bias));
+  at::Tensor out;
+  {
+    ReleaseGil no_gil;
+    if (grad) {
+      out = GroupNormFn::apply(*input, weight, bias, *groups, eps, act);
+    } else {
+      out = std::get<0>(call_op(group_norm_op(), true, *input, *groups, weight, bias, eps,
+                                c10::string_view(act)));
+    }
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_group_norm_double_backward(PyObject*, PyObject* fn) {
+  HANDLE_TH_ERRORS
+  Py_INCREF(fn);
+  Py_XDECREF(group_norm_double_backward);
+  group_norm_double_backward = fn;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"channel_shuffle",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(channel_shuffle)), METH_FASTCALL,
@@ -213,6 +391,12 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "cat_shuffle(tensors, groups): the op below the Autograd key, or None (see "
      "csrc/python_module.cpp)"},
+    {"group_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(group_norm)),
+     METH_FASTCALL,
+     "group_norm(input, num_groups, weight, bias, eps, activation): the op's output, or None "
+     "(see csrc/python_module.cpp)"},
+    {"_set_group_norm_double_backward", set_group_norm_double_backward, METH_O,
+     "the Python function group_norm's C++ autograd node calls under create_graph"},
     {nullptr, nullptr, 0, nullptr},
 };
 

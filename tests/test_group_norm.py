@@ -362,6 +362,108 @@ def test_double_backward_matches_reference(device, act):
         assert_close_to_ref(o, r, torch.float32, name=name)
 
 
+# ------------------------------------------------------- direct entry (_C)
+_DIRECT_GN = torchfuse._ops.DIRECT.get("group_norm")
+needs_direct = pytest.mark.skipif(_DIRECT_GN is None, reason="extension without direct entries")
+
+
+def _python_path(monkeypatch):
+    """torchfuse.functional with the direct entry switched off."""
+    import torchfuse.functional as functional
+
+    monkeypatch.setattr(functional, "_direct_group_norm", None)
+
+
+@needs_direct
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("which", ["all", "x", "w", "b", "x-noweight"])
+def test_direct_entry_matches_python_path(device, act, which, monkeypatch):
+    """The direct entry (C++ autograd node) gives exactly what the op through
+    the Python autograd Function gives, forward and every gradient, and
+    double backward through the differentiable Python formula."""
+    shape, groups = (2, 8, 5, 3), 4
+    x, w, b, g = (randn(*s, device=device) for s in (shape, (8,), (8,), shape))
+    if which == "x-noweight":
+        w = b = None
+    need = {"all": (1, 1, 1), "x": (1, 0, 0), "w": (0, 1, 0), "b": (0, 0, 1),
+            "x-noweight": (1, 0, 0)}[which]
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(bool(n)) if t is not None else None
+                  for t, n in zip((x, w, b), need)]
+        out = F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5, act)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, wrt, g, create_graph=True)
+        # (a gradient may not depend on the leaves: no activation, w alone)
+        loss = [(q * q).sum() for q in grads if q.requires_grad]
+        second = torch.autograd.grad(sum(loss), wrt, allow_unused=True) if loss else ()
+        return out, grads, second
+
+    out, grads, second = run()
+    assert "GroupNormFn" in out.grad_fn.name()
+    _python_path(monkeypatch)
+    out_ref, grads_ref, second_ref = run()
+    assert "GroupNormFn" not in out_ref.grad_fn.name()
+    assert torch.equal(out, out_ref)
+    assert len(second) == len(second_ref)
+    for a, r in zip(grads + second, grads_ref + second_ref):
+        assert (a is None and r is None) or torch.equal(a, r)
+
+
+@needs_direct
+def test_direct_entry_no_grad_and_layouts(device):
+    x = _channels_last(randn(2, 8, 5, 3, device=device))
+    w = randn(8, device=device, dtype=torch.float32)
+    out = _DIRECT_GN(x.bfloat16(), 4, w, None, 1e-5, "silu")
+    ref = torch.ops.torchfuse.group_norm(x.bfloat16(), 4, w, None, 1e-5, "silu")[0]
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = _DIRECT_GN(x.requires_grad_(), 4, None, None, 1, None)  # int eps
+    assert not out.requires_grad
+    assert torch.equal(out, torch.ops.torchfuse.group_norm(x.detach(), 4, None, None, 1.0,
+                                                           "none")[0])
+    with pytest.raises(RuntimeError, match="divisible by num_groups"):
+        _DIRECT_GN(x, 3, None, None, 1e-5, None)  # the op's own check, as the usual path
+
+
+@needs_direct
+def test_direct_entry_declines_the_rest(device):
+    """None (the usual path then checks and raises as torch does) for
+    anything but the plain case."""
+    x = randn(2, 8, 5, device=device)
+    w = randn(8, device=device)
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    declined = [
+        (x, 0, None, None, 1e-5, None),  # ZeroDivisionError in torch
+        (x, -2, None, None, 1e-5, None),
+        (x, 4.0, None, None, 1e-5, None),
+        (x, 4, w, None, 1e-5, "none"),  # not an accepted activation
+        (x, 4, w, None, 1e-5, "tanh"),
+        (x, 4, w, None, 1e-5, 3),
+        (x, 4, w, None, torch.tensor(1e-5), None),
+        (x, 4, w, None, "1e-5", None),
+        (x, 4, "w", None, 1e-5, None),
+        (x.as_subclass(Sub), 4, None, None, 1e-5, None),
+        (x, 4, w.as_subclass(Sub), None, 1e-5, None),
+        (x.to(torch.int32), 4, None, None, 1e-5, None),
+        (randn(8, device=device), 4, None, None, 1e-5, None),  # 1-D
+        (randn(1, 4, 1, device=device), 4, None, None, 1e-5, None),  # 1 value per group
+        (x.to("meta"), 4, None, None, 1e-5, None),
+        (x, 4, None, None, 1e-5),
+    ]
+    for i, args in enumerate(declined):
+        assert _DIRECT_GN(*args) is None, i
+    with Mode():
+        assert _DIRECT_GN(x, 4, w, None, 1e-5, None) is None
+
+
 def _opcheck_samples(device):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for cl in (False, True):

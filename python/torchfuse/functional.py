@@ -17,6 +17,18 @@ from . import _validate as check
 from . import reference
 from ._ops import DIRECT, call, call_list, use_kernel
 
+# The extension's direct entries (_ops.DIRECT): on small tensors most of a
+# call's cost is the call path, which they skip, gradient recording
+# included. Per call, 1x232x14x14 bfloat16 (2-core VM, interleaved with torch
+# in one process): forward under no_grad, channel_shuffle 7.4 -> 4.3 us (torch
+# 4.9), cat_shuffle 9.8 -> 4.9 us (torch's cat + channel_shuffle 9.3);
+# forward+backward, channel_shuffle 101 -> 58 us (torch 50), cat_shuffle
+# 146 -> 69 us (torch 73).
+_direct_channel_shuffle = DIRECT.get("channel_shuffle")
+_direct_cat_shuffle = DIRECT.get("cat_shuffle")
+_direct_group_norm = DIRECT.get("group_norm")
+
+
 __all__ = [
     "rms_norm",
     "add_rms_norm",
@@ -109,6 +121,10 @@ def group_norm(
     input gives an output in the same memory format, with no layout copy. The
     backward recomputes the activation's input from the saved statistics.
     """
+    if _direct_group_norm is not None and not torch.compiler.is_compiling():
+        out = _direct_group_norm(input, num_groups, weight, bias, eps, activation)
+        if out is not None:  # None unless the plain case (see _ops.DIRECT)
+            return out
     fn = "group_norm"
     check.tensor(input, fn, "input")
     check.integer(num_groups, fn, "num_groups", 2)
@@ -139,16 +155,6 @@ def group_norm(
         "group_norm",
         input, int(num_groups), weight, bias, float(eps), activation or "none")[0]
 
-
-# The extension's direct entries (_ops.DIRECT): on small tensors most of a
-# shuffle's cost is the call path, which they skip, gradient recording
-# included. Per call, 1x232x14x14 bfloat16 (2-core VM, interleaved with torch
-# in one process): forward under no_grad, channel_shuffle 7.4 -> 4.3 us (torch
-# 4.9), cat_shuffle 9.8 -> 4.9 us (torch's cat + channel_shuffle 9.3);
-# forward+backward, channel_shuffle 101 -> 58 us (torch 50), cat_shuffle
-# 146 -> 69 us (torch 73).
-_direct_channel_shuffle = DIRECT.get("channel_shuffle")
-_direct_cat_shuffle = DIRECT.get("cat_shuffle")
 
 
 def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:

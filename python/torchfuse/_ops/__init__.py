@@ -128,7 +128,9 @@ def register_autograd(name: str, backward, setup_context) -> None:
 # node when one is needed, else None. Not to be called under torch.compile
 # (the compiler cannot trace it).
 DIRECT: dict[str, object] = {
-    name: getattr(_C, name) for name in ("channel_shuffle", "cat_shuffle") if hasattr(_C, name)
+    name: getattr(_C, name)
+    for name in ("channel_shuffle", "cat_shuffle", "group_norm")
+    if hasattr(_C, name)
 }
 
 
