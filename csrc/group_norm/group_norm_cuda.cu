@@ -165,13 +165,18 @@ __global__ void pointwise_kernel(
     Vec<T, V> ov;
     // uniform: the V elements lie in one plane (planar) or are V consecutive
     // channels of one row (cl), so the (64-bit) divisions are done once.
+    // Planar and uniform: one channel's coefficients for the whole vector,
+    // loaded once.
     const int64_t pc0 = coef_index(e0, C, S, cl);
+    const bool one_channel = uniform && !cl;
+    A p[NP];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t pc = uniform ? pc0 + (cl ? j : 0) : coef_index(e0 + j, C, S, cl);
-      A p[NP];
+      if (j == 0 || !one_channel) {
+        const int64_t pc = uniform ? pc0 + (cl ? j : 0) : coef_index(e0 + j, C, S, cl);
 #pragma unroll
-      for (int q = 0; q < NP; ++q) p[q] = prm[q * NC + pc];
+        for (int q = 0; q < NP; ++q) p[q] = prm[q * NC + pc];
+      }
       const A d = MODE == Mode::kBackward ? static_cast<A>(dv.v[j]) : A(0);
       ov.v[j] = static_cast<T>(pointwise_op<MODE, ACT>(static_cast<A>(xv.v[j]), d, p));
     }
