@@ -256,7 +256,13 @@ Tensor3 differentiable_backward(const at::Tensor& grad, const at::Tensor& x,
   for (PyObject* a : args) ok = ok && a != nullptr;
   if (ok) res = PyObject_Vectorcall(group_norm_double_backward, args, 7, nullptr);
   for (PyObject* a : args) Py_XDECREF(a);
-  if (res == nullptr) throw python_error();
+  if (res == nullptr) {
+    // Keep the Python exception with the C++ one: the autograd engine may
+    // rethrow it on another thread (CUDA backward runs on device threads).
+    python_error error;
+    error.persist();
+    throw std::move(error);
+  }
   Tensor3 out;
   at::Tensor* dst[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out)};
   const bool tuple3 = PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 3;

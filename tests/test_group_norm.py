@@ -411,6 +411,28 @@ def test_direct_entry_matches_python_path(device, act, which, monkeypatch):
 
 
 @needs_direct
+def test_direct_entry_double_backward_error_reaches_the_caller(device):
+    """An exception in the Python differentiable backward (called by the C++
+    node under create_graph) reaches the caller as itself."""
+    from torchfuse._ops import _C
+    from torchfuse._ops.group_norm import backward_differentiable
+
+    def boom(*args):
+        raise ValueError("boom from the differentiable backward")
+
+    x = randn(2, 4, 3, device=device, requires_grad=True)
+    _C._set_group_norm_double_backward(boom)
+    try:
+        out = F.group_norm(x, 2)
+        with pytest.raises(ValueError, match="boom from the differentiable backward"):
+            torch.autograd.grad(out.sum(), x, create_graph=True)
+    finally:
+        _C._set_group_norm_double_backward(backward_differentiable)
+    (gx,) = torch.autograd.grad(F.group_norm(x, 2).pow(2).sum(), x, create_graph=True)
+    assert gx.requires_grad
+
+
+@needs_direct
 def test_direct_entry_no_grad_and_layouts(device):
     x = _channels_last(randn(2, 8, 5, 3, device=device))
     w = randn(8, device=device, dtype=torch.float32)
