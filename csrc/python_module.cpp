@@ -4,7 +4,8 @@
 // torch.ops.torchfuse.
 //
 // The module also has direct entries for the ops whose cost on small tensors
-// is the call path rather than the kernel: channel_shuffle and cat_shuffle.
+// is the call path rather than the kernel: channel_shuffle, cat_shuffle,
+// group_norm and l2_norm.
 // A call through torch.ops binds the Python arguments against the schema and
 // runs the op boxed; torchfuse.functional's own checks and routing add more,
 // and a gradient recorded through a Python autograd.Function more again
@@ -16,9 +17,10 @@
 // (device kernels, fake/meta tensors and dispatch modes are reached as
 // before); when autograd must record the call, through a C++
 // autograd::Function whose backward is again one of the shuffle ops (the
-// inverse shuffle, cat_shuffle_backward), called below the Autograd key
-// unless the backward itself is recorded (create_graph: then through the
-// ops' own registered autograd, so double backward works as before). Any
+// inverse shuffle, cat_shuffle_backward; the norms' backward ops), called
+// below the Autograd key unless the backward itself is recorded
+// (create_graph: then through the shuffles' own registered autograd, or the
+// norms' differentiable Python backward, so double backward works as before). Any
 // other call returns None, and the caller takes its usual path, which raises
 // the usual errors. torchfuse.functional uses them outside torch.compile.
 #ifdef TORCHFUSE_PYTHON_MODULE
@@ -33,7 +35,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <functional>
 #include <optional>
+#include <unordered_map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -104,6 +108,13 @@ const Op<CatBackwardSig>& cat_backward_op() {
 
 // op(args...) below the Autograd key, or, when the backward is being
 // recorded (create_graph), through the op's own autograd.
+// A float or int (not bool) argument, or nullopt.
+std::optional<double> plain_float(PyObject* obj) {
+  if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj);
+  if (const std::optional<int64_t> v = plain_int(obj)) return static_cast<double>(*v);
+  return std::nullopt;
+}
+
 template <typename Sig, typename... Args>
 auto call_op(const Op<Sig>& op, bool below_autograd, const Args&... args) {
   if (below_autograd) {
@@ -225,10 +236,14 @@ const Op<GroupNormBackwardSig>& group_norm_backward_op() {
   return op;
 }
 
-// torchfuse._ops.group_norm.backward_differentiable, set at import: the
-// backward written with differentiable torch ops, for create_graph=True (as
-// the op's Python autograd registration does). A new reference, never freed.
-PyObject* group_norm_double_backward = nullptr;
+// Each op's backward written with differentiable torch ops (Python), set at
+// import by its torchfuse._ops module: the C++ autograd nodes call it under
+// create_graph=True, as the ops' Python autograd registrations do. New
+// references, never freed.
+std::unordered_map<std::string, PyObject*>& double_backwards() {
+  static std::unordered_map<std::string, PyObject*> fns;
+  return fns;
+}
 
 struct Gil {
   PyGILState_STATE state = PyGILState_Ensure();
@@ -240,21 +255,23 @@ PyObject* wrap_or_none(const at::Tensor& t) {
   Py_RETURN_NONE;
 }
 
-// (grad_input, grad_weight, grad_bias) from the Python differentiable
-// backward; undefined where it returns None.
-Tensor3 differentiable_backward(const at::Tensor& grad, const at::Tensor& x,
-                                const at::Tensor& weight, const at::Tensor& bias,
-                                int64_t groups, double eps, const std::string& act) {
-  TORCH_CHECK(group_norm_double_backward != nullptr,
-              "group_norm: double backward needs torchfuse._ops.group_norm imported");
+// The Python arguments of a differentiable backward, built under the GIL.
+using PyArgs = std::vector<PyObject*>;
+
+// fn(*args) for the op `name`'s differentiable backward, which returns a
+// tuple of `nret` tensors or None (undefined here). Steals args' references.
+std::vector<at::Tensor> python_backward(const std::string& name,
+                                        const std::function<PyArgs()>& make_args,
+                                        size_t nret) {
   Gil gil;
-  PyObject* args[] = {wrap_or_none(grad), wrap_or_none(x), wrap_or_none(weight),
-                      wrap_or_none(bias), PyLong_FromLongLong(groups), PyFloat_FromDouble(eps),
-                      PyUnicode_FromString(act.c_str())};
+  const auto it = double_backwards().find(name);
+  TORCH_CHECK(it != double_backwards().end(), name,
+              ": double backward needs torchfuse._ops imported");
+  PyArgs args = make_args();
   PyObject* res = nullptr;
   bool ok = true;
   for (PyObject* a : args) ok = ok && a != nullptr;
-  if (ok) res = PyObject_Vectorcall(group_norm_double_backward, args, 7, nullptr);
+  if (ok) res = PyObject_Vectorcall(it->second, args.data(), args.size(), nullptr);
   for (PyObject* a : args) Py_XDECREF(a);
   if (res == nullptr) {
     // Keep the Python exception with the C++ one: the autograd engine may
@@ -263,15 +280,14 @@ Tensor3 differentiable_backward(const at::Tensor& grad, const at::Tensor& x,
     error.persist();
     throw std::move(error);
   }
-  Tensor3 out;
-  at::Tensor* dst[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out)};
-  const bool tuple3 = PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 3;
-  for (int i = 0; tuple3 && i < 3; ++i) {
-    PyObject* item = PyTuple_GET_ITEM(res, i);
-    if (THPVariable_Check(item)) *dst[i] = THPVariable_Unpack(item);
+  std::vector<at::Tensor> out(nret);
+  const bool tuple = PyTuple_Check(res) && static_cast<size_t>(PyTuple_GET_SIZE(res)) == nret;
+  for (size_t i = 0; tuple && i < nret; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(res, static_cast<Py_ssize_t>(i));
+    if (THPVariable_Check(item)) out[i] = THPVariable_Unpack(item);
   }
   Py_DECREF(res);
-  TORCH_CHECK(tuple3, "group_norm: the differentiable backward must return 3 values");
+  TORCH_CHECK(tuple, name, ": the differentiable backward must return ", nret, " values");
   return out;
 }
 
@@ -300,8 +316,16 @@ struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
     const bool need_w = w.defined() && need[1], need_b = b.defined() && need[2];
     Tensor3 g;
     if (c10::GradMode::is_enabled()) {  // create_graph: stay differentiable
-      g = differentiable_backward(grads[0], x, w, b, groups, ctx->saved_data["eps"].toDouble(),
-                                  act);
+      const double eps = ctx->saved_data["eps"].toDouble();
+      const auto r = python_backward(
+          "group_norm",
+          [&] {
+            return PyArgs{wrap_or_none(grads[0]), wrap_or_none(x), wrap_or_none(w),
+                          wrap_or_none(b), PyLong_FromLongLong(groups), PyFloat_FromDouble(eps),
+                          PyUnicode_FromString(act.c_str())};
+          },
+          3);
+      g = {r[0], r[1], r[2]};
     } else {
       g = call_op(group_norm_backward_op(), true, grads[0], x, mean, rstd, groups,
                   w.defined() ? Opt(w) : Opt(), b.defined() ? Opt(b) : Opt(),
@@ -343,14 +367,9 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !is_float_type(*input) || input->dim() < 2) {
     Py_RETURN_NONE;
   }
-  double eps = 0;
-  if (PyFloat_CheckExact(args[4])) {
-    eps = PyFloat_AS_DOUBLE(args[4]);
-  } else if (const std::optional<int64_t> e = plain_int(args[4])) {
-    eps = static_cast<double>(*e);
-  } else {
-    Py_RETURN_NONE;
-  }
+  const std::optional<double> eps_arg = plain_float(args[4]);
+  if (!eps_arg) Py_RETURN_NONE;
+  const double eps = *eps_arg;
   std::string act = "none";
   if (args[5] != Py_None) {
     if (!PyUnicode_CheckExact(args[5])) Py_RETURN_NONE;
@@ -379,11 +398,96 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* set_group_norm_double_backward(PyObject*, PyObject* fn) {
+// --------------------------------------------------------------- l2_norm
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using L2NormSig = Tensor2(const at::Tensor&, const Opt&, int64_t, double);
+using L2NormBackwardSig = Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const Opt&, int64_t, double, bool);
+
+const Op<L2NormSig>& l2_norm_op() {
+  static const Op<L2NormSig> op("torchfuse::l2_norm");
+  return op;
+}
+
+const Op<L2NormBackwardSig>& l2_norm_backward_op() {
+  static const Op<L2NormBackwardSig> op("torchfuse::l2_norm_backward");
+  return op;
+}
+
+struct L2NormFn : public torch::autograd::Function<L2NormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const Opt& weight,
+                            int64_t dim, double eps) {
+    auto [out, norm] = call_op(l2_norm_op(), true, input, weight, dim, eps);
+    ctx->save_for_backward({input, norm, weight.value_or(at::Tensor())});
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["need"] =
+        std::vector<bool>{input.requires_grad(), weight && weight->requires_grad()};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &norm = saved[1], &w = saved[2];
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    const bool need_w = w.defined() && need[1];
+    at::Tensor gx, gw;
+    if (c10::GradMode::is_enabled()) {  // create_graph: stay differentiable
+      const auto r = python_backward(
+          "l2_norm",
+          [&] {
+            return PyArgs{wrap_or_none(grads[0]), wrap_or_none(x), wrap_or_none(w),
+                          PyLong_FromLongLong(dim), PyFloat_FromDouble(eps)};
+          },
+          2);
+      gx = r[0];
+      gw = r[1];
+    } else {
+      std::tie(gx, gw) = call_op(l2_norm_backward_op(), true, grads[0], x, norm,
+                                 w.defined() ? Opt(w) : Opt(), dim, eps, need_w);
+    }
+    // One gradient per forward argument: input, weight, dim, eps.
+    return {need[0] ? gx : at::Tensor(), need_w ? gw : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// l2_norm(input, weight, dim, eps) -> out or None. Declined: anything but a
+// floating input, weight None or a plain tensor, an int dim, a float or int
+// eps (the op checks shapes and dim's range itself, as on the usual path).
+PyObject* l2_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  if (nargs != 4) Py_RETURN_NONE;
+  const at::Tensor* input = plain_tensor(args[0]);
+  Opt weight;
+  const std::optional<int64_t> dim = plain_int(args[2]);
+  const std::optional<double> eps = plain_float(args[3]);
+  if (input == nullptr || !optional_tensor(args[1], weight) || !dim || !eps ||
+      !l2_norm_op().has_kernel(*input) || !is_float_type(*input)) {
+    Py_RETURN_NONE;
+  }
+  const bool grad = needs_grad(*input) || (weight && needs_grad(*weight));
+  at::Tensor out;
+  {
+    ReleaseGil no_gil;
+    out = grad ? L2NormFn::apply(*input, weight, *dim, *eps)
+               : std::get<0>(call_op(l2_norm_op(), true, *input, weight, *dim, *eps));
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// _set_double_backward(name, fn)
+PyObject* set_double_backward(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  const char* name = nullptr;
+  PyObject* fn = nullptr;
+  if (!PyArg_ParseTuple(args, "sO", &name, &fn)) return nullptr;
   Py_INCREF(fn);
-  Py_XDECREF(group_norm_double_backward);
-  group_norm_double_backward = fn;
+  PyObject*& slot = double_backwards()[name];
+  Py_XDECREF(slot);
+  slot = fn;
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -401,8 +505,12 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "group_norm(input, num_groups, weight, bias, eps, activation): the op's output, or None "
      "(see csrc/python_module.cpp)"},
-    {"_set_group_norm_double_backward", set_group_norm_double_backward, METH_O,
-     "the Python function group_norm's C++ autograd node calls under create_graph"},
+    {"l2_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(l2_norm)),
+     METH_FASTCALL,
+     "l2_norm(input, weight, dim, eps): the op's output, or None (see csrc/python_module.cpp)"},
+    {"_set_double_backward", set_double_backward, METH_VARARGS,
+     "_set_double_backward(op name, fn): the differentiable backward the op's C++ autograd "
+     "node calls under create_graph"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -421,13 +421,13 @@ def test_direct_entry_double_backward_error_reaches_the_caller(device):
         raise ValueError("boom from the differentiable backward")
 
     x = randn(2, 4, 3, device=device, requires_grad=True)
-    _C._set_group_norm_double_backward(boom)
+    _C._set_double_backward("group_norm", boom)
     try:
         out = F.group_norm(x, 2)
         with pytest.raises(ValueError, match="boom from the differentiable backward"):
             torch.autograd.grad(out.sum(), x, create_graph=True)
     finally:
-        _C._set_group_norm_double_backward(backward_differentiable)
+        _C._set_double_backward("group_norm", backward_differentiable)
     (gx,) = torch.autograd.grad(F.group_norm(x, 2).pow(2).sum(), x, create_graph=True)
     assert gx.requires_grad
 

@@ -332,6 +332,79 @@ def test_double_backward_matches_reference(device):
         assert_close_to_ref(o, r, torch.float32, name=name)
 
 
+# ------------------------------------------------------- direct entry (_C)
+_DIRECT_L2 = torchfuse._ops.DIRECT.get("l2_norm")
+needs_direct = pytest.mark.skipif(_DIRECT_L2 is None, reason="extension without direct entries")
+
+
+@needs_direct
+@pytest.mark.parametrize("which", ["all", "x", "w", "x-noweight", "normalize"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_direct_entry_matches_python_path(device, which, layout, monkeypatch):
+    """The direct entry (C++ autograd node) gives exactly what the op through
+    the Python autograd Function gives, forward, gradients and second order
+    (through the differentiable Python formula)."""
+    import torchfuse.functional as functional
+
+    x = randn(2, 8, 5, 3, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, g = randn(8, device=device), randn(2, 8, 5, 3, device=device)
+    need = {"all": (1, 1), "x": (1, 0), "w": (0, 1), "x-noweight": (1, 0),
+            "normalize": (1, 0)}[which]
+    if which in ("x-noweight", "normalize"):
+        w = None
+
+    def run():
+        xl = x.detach().clone().requires_grad_(bool(need[0]))
+        wl = w.detach().clone().requires_grad_(bool(need[1])) if w is not None else None
+        out = (F.normalize(xl, dim=1) if which == "normalize" else F.l2_norm(xl, wl, 1, 1e-12))
+        wrt = [t for t in (xl, wl) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, wrt, g, create_graph=True)
+        loss = [(q * q).sum() for q in grads if q.requires_grad]
+        second = torch.autograd.grad(sum(loss), wrt, allow_unused=True) if loss else ()
+        return out, grads, second
+
+    out, grads, second = run()
+    assert "L2NormFn" in out.grad_fn.name()
+    monkeypatch.setattr(functional, "_direct_l2_norm", None)
+    out_ref, grads_ref, second_ref = run()
+    assert "L2NormFn" not in out_ref.grad_fn.name()
+    assert torch.equal(out, out_ref)
+    assert len(second) == len(second_ref)
+    for a, r in zip(grads + second, grads_ref + second_ref):
+        assert (a is None and r is None) or torch.equal(a, r)
+
+
+@needs_direct
+def test_direct_entry_declines_the_rest(device):
+    x = randn(2, 8, 5, device=device)
+    w = randn(8, device=device)
+
+    class Sub(torch.Tensor):
+        pass
+
+    declined = [
+        (x, w, 1.0, 1e-12),
+        (x, w, True, 1e-12),
+        (x, w, 1, "1e-12"),
+        (x, w, 1, torch.tensor(1e-12)),
+        (x, "w", 1, 1e-12),
+        (x.as_subclass(Sub), w, 1, 1e-12),
+        (x.to(torch.int64), None, 1, 1e-12),
+        (x.to("meta"), None, 1, 1e-12),
+        (x, w, 1),
+    ]
+    for i, args in enumerate(declined):
+        assert _DIRECT_L2(*args) is None, i
+    # the op's own checks on the plain case: the usual errors
+    with pytest.raises(IndexError):
+        _DIRECT_L2(x, None, 5, 1e-12)
+    with pytest.raises(RuntimeError, match="weight"):
+        _DIRECT_L2(x, randn(3, device=device), 1, 1e-12)
+    assert torch.equal(_DIRECT_L2(x, w, -2, 0), F.l2_norm(x, w, 1, 0.0))  # int eps
+
+
 def _opcheck_samples(device):
     ops = torch.ops.torchfuse
     for dtype in (torch.float32, torch.bfloat16, torch.float64):

@@ -27,6 +27,7 @@ from ._ops import DIRECT, call, call_list, use_kernel
 _direct_channel_shuffle = DIRECT.get("channel_shuffle")
 _direct_cat_shuffle = DIRECT.get("cat_shuffle")
 _direct_group_norm = DIRECT.get("group_norm")
+_direct_l2_norm = DIRECT.get("l2_norm")
 
 
 __all__ = [
@@ -287,6 +288,10 @@ def l2_norm(
     input's dtype, shape and (for contiguous or channels_last input) memory
     format. The weight gradient is deterministic.
     """
+    if _direct_l2_norm is not None and not torch.compiler.is_compiling():
+        out = _direct_l2_norm(input, weight, dim, eps)
+        if out is not None:  # None unless the plain case (see _ops.DIRECT)
+            return out
     check.tensor(input, "l2_norm", "input")
     check.tensor(weight, "l2_norm", "weight", optional=True)
     check.integer(dim, "l2_norm", "dim")
@@ -317,6 +322,10 @@ def normalize(
     if p != 2:
         return torch.nn.functional.normalize(input, p, dim, eps)
     check.floating(input, "normalize")
+    if _direct_l2_norm is not None and not torch.compiler.is_compiling():
+        out = _direct_l2_norm(input, None, dim, eps)
+        if out is not None:  # None unless the plain case (see _ops.DIRECT)
+            return out
     if not use_kernel("l2_norm", input.device):
         return reference.normalize(input, p, dim, eps)
     return call("l2_norm", input, None, dim, float(eps))[0]

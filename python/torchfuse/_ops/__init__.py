@@ -129,7 +129,7 @@ def register_autograd(name: str, backward, setup_context) -> None:
 # (the compiler cannot trace it).
 DIRECT: dict[str, object] = {
     name: getattr(_C, name)
-    for name in ("channel_shuffle", "cat_shuffle", "group_norm")
+    for name in ("channel_shuffle", "cat_shuffle", "group_norm", "l2_norm")
     if hasattr(_C, name)
 }
 

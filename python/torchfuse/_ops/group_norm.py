@@ -48,9 +48,9 @@ def backward_differentiable(grad_out, x, weight, bias, num_groups, eps, activati
 if op_defined("group_norm"):
     from . import _C
 
-    if hasattr(_C, "_set_group_norm_double_backward"):
+    if hasattr(_C, "_set_double_backward"):
         # the direct entry's C++ autograd node calls it under create_graph
-        _C._set_group_norm_double_backward(backward_differentiable)
+        _C._set_double_backward("group_norm", backward_differentiable)
 
     @torch.library.register_fake("torchfuse::group_norm")
     def _group_norm_fake(input, num_groups, weight, bias, eps, activation):

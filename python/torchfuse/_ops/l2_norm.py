@@ -106,6 +106,11 @@ def _grad_of_formula(ctx, formula, saved, grads_out, n_out):
 
 
 if op_defined("l2_norm"):
+    from . import _C
+
+    if hasattr(_C, "_set_double_backward"):
+        # the direct entry's C++ autograd node calls it under create_graph
+        _C._set_double_backward("l2_norm", l2_backward_formula)
 
     @torch.library.register_fake("torchfuse::l2_norm")
     def _l2_norm_fake(input, weight, dim, eps):
