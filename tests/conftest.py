@@ -99,3 +99,30 @@ def assert_raises_like_torch(torch_fn, our_fn, arg_name):
         f"{type(theirs.value).__name__} ({theirs.value})"
     )
     assert arg_name in str(ours.value), f"message does not name {arg_name!r}: {ours.value}"
+
+
+def direct_vs_python_path(run, node: str, switch_off) -> None:
+    """A direct entry (torchfuse._ops.DIRECT) against the op's Python autograd
+    path: run() returns (out, wrt, grad_out) with out computed through
+    torchfuse.functional; first the entry is on (out's grad_fn is the C++
+    node named `node`), then switch_off() routes the same call through the
+    Python Function. Output, gradients and second-order gradients (of the sum
+    of the squared gradients; None where a gradient does not depend on the
+    leaves) must be equal bit for bit."""
+
+    def results():
+        out, wrt, grad_out = run()
+        grads = torch.autograd.grad(out, wrt, grad_out, create_graph=True)
+        loss = [(q * q).sum() for q in grads if q.requires_grad]
+        second = torch.autograd.grad(sum(loss), wrt, allow_unused=True) if loss else ()
+        return out, grads, second
+
+    out, grads, second = results()
+    assert node in out.grad_fn.name()
+    switch_off()
+    out_ref, grads_ref, second_ref = results()
+    assert node not in out_ref.grad_fn.name()
+    assert torch.equal(out, out_ref)
+    assert len(grads) == len(grads_ref) and len(second) == len(second_ref)
+    for a, r in zip(grads + second, grads_ref + second_ref):
+        assert (a is None and r is None) or torch.equal(a, r)

@@ -18,6 +18,7 @@ from conftest import (
     HAS_CUDA,
     assert_close_to_ref,
     assert_raises_like_torch,
+    direct_vs_python_path,
     randn,
 )
 
@@ -359,21 +360,10 @@ def test_direct_entry_matches_python_path(device, which, layout, monkeypatch):
         xl = x.detach().clone().requires_grad_(bool(need[0]))
         wl = w.detach().clone().requires_grad_(bool(need[1])) if w is not None else None
         out = (F.normalize(xl, dim=1) if which == "normalize" else F.l2_norm(xl, wl, 1, 1e-12))
-        wrt = [t for t in (xl, wl) if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(out, wrt, g, create_graph=True)
-        loss = [(q * q).sum() for q in grads if q.requires_grad]
-        second = torch.autograd.grad(sum(loss), wrt, allow_unused=True) if loss else ()
-        return out, grads, second
+        return out, [t for t in (xl, wl) if t is not None and t.requires_grad], g
 
-    out, grads, second = run()
-    assert "L2NormFn" in out.grad_fn.name()
-    monkeypatch.setattr(functional, "_direct_l2_norm", None)
-    out_ref, grads_ref, second_ref = run()
-    assert "L2NormFn" not in out_ref.grad_fn.name()
-    assert torch.equal(out, out_ref)
-    assert len(second) == len(second_ref)
-    for a, r in zip(grads + second, grads_ref + second_ref):
-        assert (a is None and r is None) or torch.equal(a, r)
+    direct_vs_python_path(
+        run, "L2NormFn", lambda: monkeypatch.setattr(functional, "_direct_l2_norm", None))
 
 
 @needs_direct
