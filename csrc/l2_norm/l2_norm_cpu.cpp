@@ -87,7 +87,7 @@ struct Block {
   static constexpr int64_t B = 2 * S;
   AVec v[4];
 
-  inline void load(const T* q, int64_t n) {
+  TF_ALWAYS_INLINE void load(const T* q, int64_t n) {
     if (n == B) {
       IO::load(q, v[0], v[1]);
       IO::load(q + S, v[2], v[3]);
@@ -100,11 +100,11 @@ struct Block {
       }
     }
   }
-  inline void store(T* q, int64_t n) const {
+  TF_ALWAYS_INLINE void store(T* q, int64_t n) const {
     IO::store(q, v[0], v[1], std::min(n, S));
     if (n > S) IO::store(q + S, v[2], v[3], n - S);
   }
-  inline void load_acc(const A* q, int64_t n) {
+  TF_ALWAYS_INLINE void load_acc(const A* q, int64_t n) {
     AccIO<A>::load(q, std::min(n, S), v[0], v[1]);
     if (n > S) {
       AccIO<A>::load(q + S, n - S, v[2], v[3]);
@@ -112,7 +112,7 @@ struct Block {
       v[2] = v[3] = AVec(A(0));
     }
   }
-  inline void store_acc(A* q, int64_t n) const {
+  TF_ALWAYS_INLINE void store_acc(A* q, int64_t n) const {
     AccIO<A>::store(q, v[0], v[1], std::min(n, S));
     if (n > S) AccIO<A>::store(q + S, v[2], v[3], n - S);
   }
