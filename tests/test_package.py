@@ -4,6 +4,7 @@ kernel, and importing with the compiled extension missing."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,22 @@ def test_cpu_kernels_built_with_openmp():
     assert torchfuse.info()["cpu_threads"] == "openmp"
     with open(torchfuse._C.__file__, "rb") as f:
         assert b"GOMP_parallel" in f.read()
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm not found")
+def test_cpu_vector_moves_are_inlined():
+    """The CPU kernels' vector load/store helpers (cpu_vec.h VecIO/AccIO,
+    l2_norm's Block) are meant to be inlined into their loops: GCC 12
+    outlined them more than once, and each time the hot loops spilled their
+    vectors through memory on every call (l2_norm's float32 backward ran
+    about 3x slower, see README). No out-of-line copy may be left."""
+    so = torchfuse._ops._C.__file__
+    out = subprocess.run(["nm", "-C", "--defined-only", so], capture_output=True, text=True,
+                         check=True).stdout
+    # a member function of one of them (not a function taking their types)
+    member = re.compile(r"(cpu::VecIO|cpu::AccIO|::Block)<[^()]*>::\w+\(")
+    outlined = [line for line in out.splitlines() if member.search(line)]
+    assert not outlined, "\n".join(outlined[:10])
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
