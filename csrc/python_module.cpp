@@ -106,8 +106,6 @@ const Op<CatBackwardSig>& cat_backward_op() {
   return op;
 }
 
-// op(args...) below the Autograd key, or, when the backward is being
-// recorded (create_graph), through the op's own autograd.
 // A float or int (not bool) argument, or nullopt.
 std::optional<double> plain_float(PyObject* obj) {
   if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj);
@@ -115,6 +113,8 @@ std::optional<double> plain_float(PyObject* obj) {
   return std::nullopt;
 }
 
+// op(args...) below the Autograd key, or, when the backward is being
+// recorded (create_graph), through the op's own autograd.
 template <typename Sig, typename... Args>
 auto call_op(const Op<Sig>& op, bool below_autograd, const Args&... args) {
   if (below_autograd) {
@@ -168,6 +168,28 @@ bool needs_grad(const at::Tensor& t) {
   return t.requires_grad() && c10::GradMode::is_enabled();
 }
 
+const at::Tensor& first(const at::Tensor& t) {
+  return t;
+}
+
+template <typename... Ts>
+const at::Tensor& first(const std::tuple<at::Tensor, Ts...>& t) {
+  return std::get<0>(t);
+}
+
+// The tail of every entry: the op's (first) output for args, through Fn (a
+// C++ autograd node taking the op's arguments in the op's order) when
+// `grad`, else below the Autograd key; the GIL released meanwhile.
+template <typename Fn, typename Sig, typename... Args>
+PyObject* run_entry(const Op<Sig>& op, bool grad, const Args&... args) {
+  at::Tensor out;
+  {
+    ReleaseGil no_gil;
+    out = grad ? Fn::apply(args...) : first(call_op(op, true, args...));
+  }
+  return THPVariable_Wrap(std::move(out));
+}
+
 // channel_shuffle(input, groups) -> Tensor or None
 PyObject* channel_shuffle(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -175,13 +197,7 @@ PyObject* channel_shuffle(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor* input = plain_tensor(args[0]);
   const std::optional<int64_t> groups = plain_int(args[1]);
   if (input == nullptr || !groups || !shuffle_op().has_kernel(*input)) Py_RETURN_NONE;
-  at::Tensor out;
-  {
-    ReleaseGil no_gil;
-    out = needs_grad(*input) ? ChannelShuffleFn::apply(*input, *groups)
-                             : call_op(shuffle_op(), true, *input, *groups);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run_entry<ChannelShuffleFn>(shuffle_op(), needs_grad(*input), *input, *groups);
   END_HANDLE_TH_ERRORS
 }
 
@@ -207,13 +223,7 @@ PyObject* cat_shuffle(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     grad = grad || needs_grad(*t);
     tensors.push_back(*t);
   }
-  at::Tensor out;
-  {
-    ReleaseGil no_gil;
-    out = grad ? CatShuffleFn::apply(at::TensorList(tensors), *groups)
-               : call_op(cat_op(), true, at::TensorList(tensors), *groups);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run_entry<CatShuffleFn>(cat_op(), grad, at::TensorList(tensors), *groups);
   END_HANDLE_TH_ERRORS
 }
 
@@ -292,8 +302,9 @@ std::vector<at::Tensor> python_backward(const std::string& name,
 }
 
 struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const Opt& weight,
-                            const Opt& bias, int64_t groups, double eps, std::string act) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, int64_t groups,
+                            const Opt& weight, const Opt& bias, double eps,
+                            const std::string& act) {
     auto [out, mean, rstd] = call_op(group_norm_op(), true, input, groups, weight, bias, eps,
                                      c10::string_view(act));
     ctx->save_for_backward({input, mean, rstd, weight.value_or(at::Tensor()),
@@ -331,9 +342,10 @@ struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
                   w.defined() ? Opt(w) : Opt(), b.defined() ? Opt(b) : Opt(),
                   c10::string_view(act), need_w, need_b);
     }
-    // One gradient per forward argument: input, weight, bias, groups, eps, act.
-    return {need[0] ? std::get<0>(g) : at::Tensor(), need_w ? std::get<1>(g) : at::Tensor(),
-            need_b ? std::get<2>(g) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // One gradient per forward argument: input, groups, weight, bias, eps, act.
+    return {need[0] ? std::get<0>(g) : at::Tensor(), at::Tensor(),
+            need_w ? std::get<1>(g) : at::Tensor(), need_b ? std::get<2>(g) : at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -384,17 +396,7 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (values == 1) Py_RETURN_NONE;
   const bool grad = needs_grad(*input) || (weight && needs_grad(*weight)) ||
                     (bias && needs_grad(*bias));
-  at::Tensor out;
-  {
-    ReleaseGil no_gil;
-    if (grad) {
-      out = GroupNormFn::apply(*input, weight, bias, *groups, eps, act);
-    } else {
-      out = std::get<0>(call_op(group_norm_op(), true, *input, *groups, weight, bias, eps,
-                                c10::string_view(act)));
-    }
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run_entry<GroupNormFn>(group_norm_op(), grad, *input, *groups, weight, bias, eps, act);
   END_HANDLE_TH_ERRORS
 }
 
@@ -468,13 +470,7 @@ PyObject* l2_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
   }
   const bool grad = needs_grad(*input) || (weight && needs_grad(*weight));
-  at::Tensor out;
-  {
-    ReleaseGil no_gil;
-    out = grad ? L2NormFn::apply(*input, weight, *dim, *eps)
-               : std::get<0>(call_op(l2_norm_op(), true, *input, weight, *dim, *eps));
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run_entry<L2NormFn>(l2_norm_op(), grad, *input, weight, *dim, *eps);
   END_HANDLE_TH_ERRORS
 }
 
