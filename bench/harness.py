@@ -5,9 +5,12 @@ Conventions (DESIGN.md):
   * torchfuse, torch eager and torch.compile run on the same inputs in one run;
   * forward is timed under no_grad (inference), forward+backward with
     torch.autograd.grad on every differentiable input; backward = (f+b) - f;
-  * CPU: median of torch.utils.benchmark blocked_autorange; CUDA: median over
-    repeats of CUDA-event timed batches, inputs rotated through copies that
-    together exceed twice the L2 cache;
+  * CPU: the implementations of a case are timed in alternating rounds
+    (torch.utils.benchmark blocked_autorange, CPU_ROUNDS rounds that share
+    min_run_time), median per call over every block of every round: a VM whose
+    speed drifts slows all of them alike instead of whichever ran last;
+    CUDA: median over repeats of CUDA-event timed batches, inputs rotated
+    through copies that together exceed twice the L2 cache;
   * memory floor: bytes the op must move / copy bandwidth measured in this run
     at the same size (CPU: clone(), which pays for a freshly allocated output,
     as the ops do; CUDA: copy_ into a preallocated tensor);
@@ -88,17 +91,45 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cpu(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median seconds per call (torch.utils.benchmark), with torch's current
-    thread count (Timer's own default is one thread)."""
+CPU_ROUNDS = 5
+
+
+def time_cpu(fns: dict[str, Callable[[], object]], min_run_time: float,
+             rounds: int = CPU_ROUNDS) -> dict[str, tuple[float, float]]:
+    """(median seconds per call, relative spread) of each function, timed in
+    `rounds` alternating rounds of blocked_autorange(min_run_time / rounds),
+    with torch's current thread count (Timer's own default is one thread).
+    The order within a round alternates too, so no implementation always runs
+    right after another's cache traffic. The spread is the interquartile range
+    of the per-block times over the median.
+
+    Timing each implementation once, one after another, moved single rows of
+    the 2026-12-03 files by up to 2x on a VM whose speed drifted; alternating
+    puts the drift into every implementation's samples alike.
+    """
     from torch.utils import benchmark
 
-    fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                        num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return m.median
+    nthreads = torch.get_num_threads()
+    timers = {}
+    for name, fn in fns.items():
+        fn()  # warm: compile, allocator, first-touch
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=nthreads)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            m = timers[name].blocked_autorange(min_run_time=min_run_time / rounds)
+            samples[name].extend(m.times)
+    out = {}
+    for name, ts in samples.items():
+        med = statistics.median(ts)
+        if len(ts) >= 4:
+            q = statistics.quantiles(ts, n=4)
+            spread = (q[2] - q[0]) / med
+        else:
+            spread = float("nan")
+        out[name] = (med, spread)
+    return out
 
 
 def time_cuda(fns: list[Callable[[], object]], repeats: int) -> float:
@@ -172,7 +203,7 @@ def copy_bandwidth(device: str, nbytes: int, min_run_time: float, repeats: int) 
             t = time_cuda([lambda s=s: dst.copy_(s) for s in srcs], repeats)
         else:
             src = torch.randn(n)
-            t = time_cpu(lambda: src.clone(), min_run_time)
+            t = time_cpu({"clone": lambda: src.clone()}, min_run_time)["clone"][0]
         _BW_CACHE[key] = 2 * n * 4 / t
     return _BW_CACHE[key]
 
@@ -203,21 +234,28 @@ def run_case(case: Case, device: str, quick: bool, impls=IMPLS) -> dict:
     result: dict = {"case": case.label, "op": case.op, "shape": case.name,
                     "dtype": str(case.dtype).replace("torch.", ""), "tags": case.tags,
                     "bytes_fwd": case.bytes_fwd, "bytes_bwd": case.bytes_bwd}
+    fwd = {impl: [fwd_fn(fns[impl], inp) for inp in input_sets] for impl in impls}
+    fb = {}
     for impl in impls:
-        fn = fns[impl]
-        fwd = [fwd_fn(fn, inp) for inp in input_sets]
         grad_cache: dict = {}
-        fb = [fwd_bwd_fn(fn, inp, case.grad_inputs, grad_cache) for inp in input_sets]
-        if device == "cuda":
-            t_fwd, t_fb = time_cuda(fwd, repeats), time_cuda(fb, repeats)
-        else:
-            t_fwd, t_fb = time_cpu(fwd[0], min_run_time), time_cpu(fb[0], min_run_time)
+        fb[impl] = [fwd_bwd_fn(fns[impl], inp, case.grad_inputs, grad_cache)
+                    for inp in input_sets]
+    if device == "cuda":
+        t_fwd = {impl: (time_cuda(fwd[impl], repeats), None) for impl in impls}
+        t_fb = {impl: (time_cuda(fb[impl], repeats), None) for impl in impls}
+    else:
+        t_fwd = time_cpu({impl: fwd[impl][0] for impl in impls}, min_run_time)
+        t_fb = time_cpu({impl: fb[impl][0] for impl in impls}, min_run_time)
+    for impl in impls:
         result[impl] = {
-            "fwd_ms": t_fwd * 1e3,
-            "fwdbwd_ms": t_fb * 1e3,
-            "peak_fwd_bytes": peak_bytes(fwd[0], device),
-            "peak_fwdbwd_bytes": peak_bytes(fb[0], device),
+            "fwd_ms": t_fwd[impl][0] * 1e3,
+            "fwdbwd_ms": t_fb[impl][0] * 1e3,
+            "peak_fwd_bytes": peak_bytes(fwd[impl][0], device),
+            "peak_fwdbwd_bytes": peak_bytes(fb[impl][0], device),
         }
+        if t_fwd[impl][1] is not None:
+            result[impl]["fwd_spread"] = t_fwd[impl][1]
+            result[impl]["fwdbwd_spread"] = t_fb[impl][1]
     largest = max(t.numel() * t.element_size() for t in base_inputs.values()
                   if isinstance(t, torch.Tensor))
     bw = copy_bandwidth(device, largest, min_run_time, repeats)
@@ -261,6 +299,8 @@ def environment(device: str, quick: bool) -> dict:
                         else _cpu_name()),
         "threads": torch.get_num_threads(),
         "quick": quick,
+        "cpu_timing": (f"{CPU_ROUNDS} alternating rounds, median per call"
+                       if device == "cpu" else None),
         "build": torchfuse.info(),
     }
     return meta
