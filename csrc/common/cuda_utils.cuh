@@ -47,7 +47,8 @@ __device__ __forceinline__ A warp_sum(A v, int width = 32) {
   return v;
 }
 
-// Sum over a 1-D block (blockDim.y == 1); the result is returned to every
+// Sum over a 1-D block (blockDim.y == 1, blockDim.x a multiple of 32: the
+// shuffles name all 32 lanes); the result is returned to every
 // thread. Every thread of the block must call it. `smem` holds 32 values.
 template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* smem) {

@@ -129,6 +129,13 @@ struct Launchers {
   int64_t stat_chunk_cl; // elements per statistics chunk (channels_last)
   bool cl_per_group;     // cl statistics chunks count D (true) or C channels
   int64_t reduce_chunk;  // elements per reduction chunk (R * C, or R planar)
+  // channels_last reduction: rows per chunk (0: reduce_chunk / C, for kernels
+  // whose task spans all C channels; CUDA blocks span 32 of them).
+  int64_t reduce_rows_cl = 0;
+  // Chunks per group (statistics) or per plane/sample (reduction) grow past
+  // stat_chunk / reduce_chunk so that there are at most this many (0: no
+  // limit): the algebra combines a group's chunks on one thread.
+  int64_t max_chunks = 0;
   void (*fused_fwd)(const FusedParams&) = nullptr;  // optional
   void (*fused_bwd)(const FusedParams&) = nullptr;
   int64_t fused_bytes = 0;  // largest group (bytes of x, plus dy) to fuse

@@ -14,9 +14,11 @@
 //     a workspace and summed in a fixed order;
 //   * elementwise passes (forward output, dx): grid-stride, 16-byte vector
 //     accesses when every pointer is aligned and numel divides, else scalar;
-//     64-bit indexing throughout, the coefficient index divided out once per
-//     vector when the vector cannot cross a plane (contiguous: S % V == 0)
-//     or a row (channels_last: C % V == 0);
+//     64-bit indexing throughout; the coefficient index is divided out
+//     once per vector (32-bit division when the operands fit) and stepped
+//     when the vector can cross a plane or a row;
+//   * one block per item (chunk, plane): grids are capped at 2^30 blocks and
+//     the kernels step by gridDim.x beyond that;
 //   * the (N, C)-sized algebra between them: one small kernel per step, one
 //     thread per group or plane, running the functions of
 //     group_norm_algebra.h that the CPU runs as loops (so the CPU tests check
@@ -97,10 +99,11 @@ __global__ void stats_kernel(
     double* __restrict__ mean_k,
     double* __restrict__ m2_k,
     int64_t C, int64_t S, int64_t G, int64_t D, int64_t K, int64_t L, int64_t R,
-    bool cl) {
+    bool cl, int64_t total) {
   using A = at::opmath_type<T>;
   __shared__ A smem[32];
-  const int64_t t = blockIdx.x;  // (n * G + g) * K + k
+  // t = (n * G + g) * K + k; block-stride (block-uniform, so block_sum stays legal)
+  for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
   const int64_t k = t % K, ng = t / K, g = ng % G, n = ng / G;
   int64_t cnt, base;
   if (!cl) {
@@ -128,6 +131,7 @@ __global__ void stats_kernel(
     mean_k[t] = static_cast<double>(m0) + d1 / c;
     m2_k[t] = static_cast<double>(s2) - d1 * d1 / c;
   }
+  }
 }
 
 // ------------------------------------------------------------ elementwise
@@ -142,9 +146,30 @@ __device__ __forceinline__ A pointwise_op(A x, A dy, const A* p) {
   }
 }
 
+// Quotient and remainder; 32-bit when both operands fit (64-bit division is
+// emulated on the GPU, several times the cost).
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((a | b) >> 32) == 0) {
+    const uint32_t a32 = static_cast<uint32_t>(a), b32 = static_cast<uint32_t>(b);
+    q = a32 / b32;
+    r = a32 - static_cast<uint32_t>(q) * b32;
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
 // Index into the (N, C) coefficient planes of element e.
 __device__ __forceinline__ int64_t coef_index(int64_t e, int64_t C, int64_t S, bool cl) {
-  return cl ? (e / (S * C)) * C + e % C : e / S;
+  int64_t q, r;
+  if (!cl) {
+    divmod(e, S, q, r);
+    return q;
+  }
+  int64_t n, c;
+  divmod(e, S * C, n, r);
+  divmod(r, C, q, c);
+  return n * C + c;
 }
 
 template <typename T, Mode MODE, Act ACT, int V>
@@ -163,22 +188,55 @@ __global__ void pointwise_kernel(
     Vec<T, V> dv;
     if constexpr (MODE == Mode::kBackward) dv = load_vec<T, V>(dy + e0);
     Vec<T, V> ov;
-    // uniform: the V elements lie in one plane (planar) or are V consecutive
-    // channels of one row (cl), so the (64-bit) divisions are done once.
-    // Planar and uniform: one channel's coefficients for the whole vector,
-    // loaded once.
-    const int64_t pc0 = coef_index(e0, C, S, cl);
-    const bool one_channel = uniform && !cl;
     A p[NP];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (j == 0 || !one_channel) {
-        const int64_t pc = uniform ? pc0 + (cl ? j : 0) : coef_index(e0 + j, C, S, cl);
-#pragma unroll
-        for (int q = 0; q < NP; ++q) p[q] = prm[q * NC + pc];
-      }
+    auto apply = [&](int j) {
       const A d = MODE == Mode::kBackward ? static_cast<A>(dv.v[j]) : A(0);
       ov.v[j] = static_cast<T>(pointwise_op<MODE, ACT>(static_cast<A>(xv.v[j]), d, p));
+    };
+    auto load_p = [&](int64_t pc) {
+#pragma unroll
+      for (int q = 0; q < NP; ++q) p[q] = prm[q * NC + pc];
+    };
+    if (uniform) {
+      // The V elements lie in one plane (planar: one channel's coefficients,
+      // loaded once) or are V consecutive channels of one row (cl).
+      const int64_t pc0 = coef_index(e0, C, S, cl);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (j == 0 || cl) load_p(pc0 + (cl ? j : 0));
+        apply(j);
+      }
+    } else {
+      // The vector may cross a plane (planar) or a row (cl): the index of e0
+      // is divided out once and stepped per element.
+      if (!cl) {
+        int64_t plane, pos;
+        divmod(e0, S, plane, pos);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (j == 0 || pos == 0) load_p(plane);
+          apply(j);
+          if (++pos == S) {
+            pos = 0;
+            ++plane;
+          }
+        }
+      } else {
+        const int64_t SC = S * C;
+        int64_t n, r, q, c;
+        divmod(e0, SC, n, r);
+        divmod(r, C, q, c);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          load_p(n * C + c);
+          apply(j);
+          if (++c == C) c = 0;
+          if (++r == SC) {
+            r = 0;
+            ++n;
+          }
+        }
+      }
     }
     store_vec<T, V>(out + e0, ov);
   }
@@ -209,7 +267,8 @@ __global__ void reduce_planar_kernel(
   constexpr int NP = num_params(MODE), NQ = num_sums(MODE);
   __shared__ A smem[32];
   const int64_t NC = N * C;
-  const int64_t t = blockIdx.x, plane = t / K, k = t % K;
+  for (int64_t t = blockIdx.x; t < NC * K; t += gridDim.x) {  // block-stride
+  const int64_t plane = t / K, k = t % K;
   const int64_t n = plane / C, c = plane % C;
   A q[NQ];
 #pragma unroll
@@ -232,6 +291,7 @@ __global__ void reduce_planar_kernel(
     const A v = block_sum(q[i], smem);
     if (threadIdx.x == 0) part[((i * N + n) * K + k) * C + c] = v;
   }
+  }
 }
 
 // channels_last: block (kTileC, kTileR) per (sample, chunk of R rows,
@@ -247,7 +307,8 @@ __global__ void reduce_cl_kernel(
   constexpr int NP = num_params(MODE), NQ = num_sums(MODE);
   __shared__ A smem[NQ][kTileR][kTileC];
   const int64_t NC = N * C;
-  const int64_t tile = blockIdx.x % tiles, nk = blockIdx.x / tiles;
+  for (int64_t t = blockIdx.x; t < N * K * tiles; t += gridDim.x) {  // block-stride
+  const int64_t tile = t % tiles, nk = t / tiles;
   const int64_t n = nk / K, k = nk % K;
   const int64_t c = tile * kTileC + threadIdx.x;
   A q[NQ];
@@ -275,9 +336,19 @@ __global__ void reduce_cl_kernel(
       part[((i * N + n) * K + k) * C + c] = v;
     }
   }
+  __syncthreads();  // smem is rewritten by the next block-stride step
+  }
 }
 
 // ------------------------------------------------------------- launchers
+// Grids of the one-block-per-item kernels: at most kMaxBlocks (grid.x is
+// 32-bit; a (2^22, 1024) half backward has 2^32 planes), the kernels loop.
+constexpr int64_t kMaxBlocks = int64_t{1} << 30;
+
+unsigned block_grid(int64_t items) {
+  return static_cast<unsigned>(std::min(items, kMaxBlocks));
+}
+
 int64_t grid_for(int64_t work) {
   const int64_t cap = static_cast<int64_t>(num_sms()) * 2048 / kThreads;
   return std::max<int64_t>(1, std::min(ceil_div(work, kThreads), cap));
@@ -287,9 +358,9 @@ template <typename T>
 void stats_launch(const StatsParams& sp) {
   const Geometry& g = sp.geo;
   const int64_t blocks = g.N * g.G * sp.K;
-  stats_kernel<T><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  stats_kernel<T><<<block_grid(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       sp.x.const_data_ptr<T>(), sp.mean_k.mutable_data_ptr<double>(),
-      sp.m2_k.mutable_data_ptr<double>(), g.C, g.S, g.G, g.D, sp.K, sp.L, sp.R, g.cl);
+      sp.m2_k.mutable_data_ptr<double>(), g.C, g.S, g.G, g.D, sp.K, sp.L, sp.R, g.cl, blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -331,11 +402,12 @@ void reduce_launch(const ReduceParams& rp) {
   const A* prm = rp.params.const_data_ptr<A>();
   A* part = rp.partial.mutable_data_ptr<A>();
   if (!g.cl) {
-    reduce_planar_kernel<T, MODE, ACT><<<g.N * g.C * rp.K, kThreads, 0, stream>>>(
+    reduce_planar_kernel<T, MODE, ACT><<<block_grid(g.N * g.C * rp.K), kThreads, 0, stream>>>(
         x, dy, prm, part, g.N, g.C, g.S, rp.K, rp.R);
   } else {
     const int64_t tiles = ceil_div(g.C, kTileC);
-    reduce_cl_kernel<T, MODE, ACT><<<g.N * rp.K * tiles, dim3(kTileC, kTileR), 0, stream>>>(
+    reduce_cl_kernel<T, MODE, ACT>
+        <<<block_grid(g.N * rp.K * tiles), dim3(kTileC, kTileR), 0, stream>>>(
         x, dy, prm, part, g.N, g.C, g.S, rp.K, rp.R, tiles);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -346,8 +418,11 @@ void reduce_launch(const ReduceParams& rp) {
 // functions the CPU runs in a loop).
 template <typename A>
 __global__ void algebra_kernel(AlgStep s, AlgView<A> v, int64_t items) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < items) alg_step(s, v, i);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+       i += step) {
+    alg_step(s, v, i);
+  }
 }
 
 template <typename A>
@@ -355,7 +430,7 @@ void algebra_cuda(AlgStep s, const AlgView<A>& v) {
   constexpr int kAlgThreads = 128;
   const int64_t items = alg_items(s, v);
   if (items == 0) return;
-  algebra_kernel<A><<<ceil_div(items, kAlgThreads), kAlgThreads, 0,
+  algebra_kernel<A><<<block_grid(ceil_div(items, kAlgThreads)), kAlgThreads, 0,
                       at::cuda::getCurrentCUDAStream()>>>(s, v, items);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -409,6 +484,8 @@ const Launchers kCuda{
     .stat_chunk_cl = kStatChunk,
     .cl_per_group = true,
     .reduce_chunk = kReduceChunk,
+    .reduce_rows_cl = kReduceChunk / kTileC,  // 128 rows of a 32-channel tile
+    .max_chunks = 256,
 };
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {

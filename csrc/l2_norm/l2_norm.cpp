@@ -281,7 +281,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_forward(
   at::Tensor nw = at::empty({d.O}, acc);
   row_norms(x, nx, launch);
   row_norms(w, nw, launch);
-  at::Tensor out = at::mm(x, w.t());  // raw dot products, (M, O)
+  // raw dot products, (M, O); the epilogue indexes it row-major (mm returns
+  // it so today; contiguous() keeps that true, at no cost when it is)
+  at::Tensor out = at::mm(x, w.t()).contiguous();
   if (out.numel() > 0) {
     ScaleParams s;
     s.src = out;

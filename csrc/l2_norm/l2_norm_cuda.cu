@@ -389,6 +389,8 @@ RowConfig row_config(int64_t M, int64_t nvec) {
   RowConfig c;
   c.tpr = next_pow2(std::min<int64_t>(kMaxTpr, std::max<int64_t>(1, ceil_div(nvec, 4))));
   c.rows = c.tpr <= 32 ? kBlock / c.tpr : 1;
+  // row_sum's shuffles use the full mask: whole warps, one row per block above 32
+  TORCH_INTERNAL_ASSERT((c.tpr * c.rows) % 32 == 0 && (c.tpr <= 32 || c.rows == 1));
   c.grid = std::max<int64_t>(
       1, std::min<int64_t>(ceil_div(M, c.rows), grid_cap(c.tpr * c.rows)));
   return c;

@@ -361,6 +361,8 @@ Config choose(int64_t N, std::initializer_list<const void*> ptrs, const void* w)
   c.reg = c.nvec <= static_cast<int64_t>(kMaxTpr) * kIters;
   c.tpr = c.reg ? next_pow2(ceil_div(c.nvec, kIters)) : kLargeBlock;
   c.rows = c.tpr <= 32 ? kBlock / c.tpr : 1;
+  // row_sum's shuffles use the full mask: whole warps, one row per block above 32
+  TORCH_INTERNAL_ASSERT((c.tpr * c.rows) % 32 == 0 && (c.tpr <= 32 || c.rows == 1));
   return c;
 }
 
