@@ -204,10 +204,13 @@ LRN_SHAPES = [("alexnet1", 96, 55), ("alexnet2", 256, 27), ("googlenet1", 64, 56
 LRN_BATCHES = (1, 32, 128)
 
 
-def _lrn_inputs(N, C, HW):
+def _lrn_inputs(N, C, HW, cl=False):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+
     def make(device, dtype):
         g = torch.Generator(device="cpu").manual_seed(0)
-        return {"x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype).requires_grad_()}
+        return {"x": torch.randn(N, C, HW, HW, generator=g).to(device, dtype)
+                .contiguous(memory_format=fmt).requires_grad_()}
 
     return make
 
@@ -250,6 +253,19 @@ def lrn_cases() -> list[Case]:
                         bytes_fwd=2 * nbytes,  # read x, write out
                         bytes_bwd=3 * nbytes,  # read dy, x; write dx
                     ))
+    # channels_last input (what a channels_last CNN hands the layer), where
+    # torch's composite runs on channels_last tensors too
+    for dtype in (torch.float32, torch.bfloat16):
+        for N in LRN_BATCHES[:2]:
+            for label, C, HW in (LRN_SHAPES[0], LRN_SHAPES[3]):
+                nbytes = N * C * HW * HW * _size(dtype)
+                cases.append(Case(
+                    op="local_response_norm", name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
+                    make_inputs=_lrn_inputs(N, C, HW, cl=True), torchfuse=_tf_lrn,
+                    eager=_eager_lrn, grad_inputs=("x",),
+                    bytes_fwd=2 * nbytes, bytes_bwd=3 * nbytes,
+                    tags={"layout": "channels_last"},
+                ))
     return cases
 
 

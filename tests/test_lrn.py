@@ -57,12 +57,16 @@ def _lowp_torch(fn, x, go, args):
         return out.to(x.dtype), g.to(x.dtype)
 
 
-def _check(op, ref, torch_fn, shape, size, dtype, device, alpha, beta, k):
-    x = randn(*shape, dtype=dtype, device=device, requires_grad=True)
-    go = randn(*shape, dtype=dtype, device=device)
+def _check(op, ref, torch_fn, shape, size, dtype, device, alpha, beta, k,
+           memory_format=torch.contiguous_format):
+    x = randn(*shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    go = randn(*shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
     out = op(x, size, alpha, beta, k)
     (gx,) = torch.autograd.grad(out, x, go)
     assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=memory_format)
+    assert gx.is_contiguous(memory_format=memory_format)
     x64 = x.detach().double().requires_grad_()
     ref_out = ref(x64, size, alpha, beta, k)
     (ref_gx,) = torch.autograd.grad(ref_out, x64, go.double())
@@ -78,6 +82,31 @@ def _check(op, ref, torch_fn, shape, size, dtype, device, alpha, beta, k):
 def test_lrn_matches_reference(device, dtype, shape, size):
     _check(F.local_response_norm, R.local_response_norm, TF.local_response_norm,
            shape, size, dtype, device, *PARAMS)
+
+
+# channels_last(_3d) input runs in place on the CPU (windows along the
+# contiguous channels): sizes 1, even, > C, past the direct-sum limit (32),
+# C not a multiple of the vector width, 5-D.
+LRN_CL_CASES = [
+    ((2, 6, 5, 7), 1),
+    ((2, 6, 5, 7), 3),
+    ((1, 5, 9, 11), 2),
+    ((2, 7, 5, 6), 4),
+    ((3, 4, 3, 5), 9),
+    ((1, 96, 13, 13), 5),
+    ((2, 37, 3, 4), 6),
+    ((1, 70, 2, 3), 33),
+    ((2, 50, 3, 2), 64),
+    ((2, 5, 2, 3, 4), 3),
+]
+
+
+@pytest.mark.parametrize("shape,size", LRN_CL_CASES, ids=[f"{s}-{n}" for s, n in LRN_CL_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lrn_channels_last_matches_reference(device, dtype, shape, size):
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    _check(F.local_response_norm, R.local_response_norm, TF.local_response_norm,
+           shape, size, dtype, device, *PARAMS, memory_format=fmt)
 
 
 @pytest.mark.parametrize("shape,size", SRN_CASES, ids=[f"{s}-{n}" for s, n in SRN_CASES])
@@ -179,14 +208,16 @@ def test_k_zero_all_zero_input_like_torch(device):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=str)
-def test_non_finite_input_stays_in_its_window(device, bad):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_non_finite_input_stays_in_its_window(device, bad, layout):
     """An inf or NaN input affects only the outputs (and input gradients)
     whose windows hold it, as in torch's composite: a running window sum must
     not carry it along after it leaves the window (inf - inf), nor the clamp
     of the sum at zero turn NaN into 0. The rest must match torch."""
     x = randn(2, 7, 40, 6, device=device)
     x[1, 3, 2, 4] = bad
-    g = randn(2, 7, 40, 6, device=device)
+    x = x.contiguous(memory_format=layout)
+    g = randn(2, 7, 40, 6, device=device).contiguous(memory_format=layout)
     for ours_fn, ref_fn, n_bad in (
         (F.local_response_norm, TF.local_response_norm, 3),
         (F.spatial_response_norm, R.spatial_response_norm, 9),
@@ -246,7 +277,9 @@ def test_opcheck(device):
                     torch.library.opcheck(ops.spatial_response_norm_backward.default,
                                           (go, x.detach(), size, 0.1, 0.75, 1.0))
     xc = randn(2, 5, 3, 4, device=device).to(memory_format=torch.channels_last)
+    gc = randn(2, 5, 3, 4, device=device).to(memory_format=torch.channels_last)
     torch.library.opcheck(ops.local_response_norm.default, (xc, 3, 0.1, 0.75, 1.0))
+    torch.library.opcheck(ops.local_response_norm_backward.default, (gc, xc, 4, 0.1, 0.75, 1.0))
 
 
 def test_compile_fullgraph(device):

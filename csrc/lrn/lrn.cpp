@@ -37,11 +37,22 @@ void check_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& in
 }
 
 // Runs the launcher on contiguous copies and returns the result in the
-// memory format torch would give.
-at::Tensor run(Params& p, const at::Tensor& input, bool backward, Launcher launch) {
+// memory format torch would give; channels_last(_3d) input of an op that
+// allows it (native_cl) is run as it is, with no copies.
+at::Tensor run(Params& p, const at::Tensor& input, bool backward, Launcher launch,
+               bool native_cl = false) {
   const at::MemoryFormat fmt = out_format(input);
   if (input.numel() == 0) {
     return at::empty(input.sizes(), input.options().memory_format(fmt));
+  }
+  if (native_cl && fmt != at::MemoryFormat::Contiguous) {
+    at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
+    p.x = input;  // contiguous in fmt (out_format checked it)
+    if (backward) p.dy = p.dy.contiguous(fmt);
+    p.out = out;
+    p.channels_last = true;
+    launch(p);
+    return out;
   }
   at::Tensor out = at::empty(input.sizes(), input.options());
   p.x = input.contiguous();
@@ -97,20 +108,21 @@ void check_srn(const char* op, const at::Tensor& input, int64_t size) {
 }  // namespace
 
 at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha, double beta,
-                       double k, Launcher launch) {
+                       double k, Launcher launch, bool native_cl) {
   check_lrn("local_response_norm", input, size);
   Params p = lrn_params(input, size, alpha, beta, k);
-  return run(p, input, false, launch);
+  return run(p, input, false, launch, native_cl);
 }
 
 at::Tensor lrn_backward(const at::Tensor& grad_out, const at::Tensor& input, int64_t size,
-                        double alpha, double beta, double k, Launcher launch) {
+                        double alpha, double beta, double k, Launcher launch,
+                        bool native_cl) {
   const char* op = "local_response_norm_backward";
   check_lrn(op, input, size);
   check_grad(op, grad_out, input);
   Params p = lrn_params(input, size, alpha, beta, k);
   p.dy = grad_out;
-  return run(p, input, true, launch);
+  return run(p, input, true, launch, native_cl);
 }
 
 at::Tensor srn_forward(const at::Tensor& input, int64_t size, double alpha, double beta,

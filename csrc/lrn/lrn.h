@@ -11,6 +11,10 @@
 // spatial_response_norm: B = N*C, R = H, W = W, rows and columns
 //   [h - (size-1)/2, h + size/2], alpha_n = alpha / size^2.
 // The backward window is the forward one reflected (lo and hi swapped).
+//
+// channels_last local_response_norm (launchers that take it): x, dy and out
+// stay in the input's memory format, (B, W, R) in memory: the window runs
+// along the contiguous R (channels) of each of the B * W positions.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,31 +26,34 @@ struct Params {
   int64_t B = 0, R = 0, W = 0;
   int64_t lo = 0, hi = 0;  // forward window: rows [r - lo, r + hi]
   bool cols = false;       // spatial: the same window over columns
+  bool channels_last = false;  // x, dy, out laid out (B, W, R) (see above)
   double alpha_n = 0, beta = 0, k = 0;
 };
 
 using Launcher = void (*)(const Params&);
 
+// native_cl: the launcher takes channels_last local_response_norm as it is
+// (else such input is run on contiguous copies).
 at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha,
-                       double beta, double k, Launcher launch);
+                       double beta, double k, Launcher launch, bool native_cl = false);
 at::Tensor lrn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         int64_t size, double alpha, double beta, double k,
-                        Launcher launch);
+                        Launcher launch, bool native_cl = false);
 at::Tensor srn_forward(const at::Tensor& input, int64_t size, double alpha,
                        double beta, double k, Launcher launch);
 at::Tensor srn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         int64_t size, double alpha, double beta, double k,
                         Launcher launch);
 
-template <Launcher fwd>
+template <Launcher fwd, bool native_cl = false>
 at::Tensor lrn_op(const at::Tensor& input, int64_t size, double alpha,
                   double beta, double k) {
-  return lrn_forward(input, size, alpha, beta, k, fwd);
+  return lrn_forward(input, size, alpha, beta, k, fwd, native_cl);
 }
-template <Launcher bwd>
+template <Launcher bwd, bool native_cl = false>
 at::Tensor lrn_backward_op(const at::Tensor& grad_out, const at::Tensor& input,
                            int64_t size, double alpha, double beta, double k) {
-  return lrn_backward(grad_out, input, size, alpha, beta, k, bwd);
+  return lrn_backward(grad_out, input, size, alpha, beta, k, bwd, native_cl);
 }
 template <Launcher fwd>
 at::Tensor srn_op(const at::Tensor& input, int64_t size, double alpha,

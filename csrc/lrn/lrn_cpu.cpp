@@ -9,9 +9,23 @@
 // drift of the running add/subtract stays bounded, and wherever the running
 // sum is not finite (an inf or NaN input stays in it after leaving the
 // window). Spatial column windows use a float64 prefix sum per row (a window
-// whose difference is not finite is summed directly). The backward recomputes S from x (only x is
-// saved), stores s^-beta and dy*y/s for the tile, and runs the reflected
-// window over the latter: x and dy are read from memory once, dx written once.
+// whose difference is not finite is summed directly). The backward
+// recomputes S from x (only x is saved), stores s^-beta and dy*y/s for the
+// tile, and runs the reflected window over the latter: x and dy are read from
+// memory once, dx written once.
+//
+// channels_last local_response_norm runs in place, one position (its C
+// contiguous channels) at a time: squares into a zero-padded row, window sums
+// as the sum of lo + hi + 1 shifted vector loads (no running sum, so nothing
+// to re-anchor and a non-finite value stays in its own window; windows wider
+// than kDirectWindow use the float64 prefix sums of the spatial columns),
+// then the output; the backward does the same with dy*y/s and the reflected
+// window. Before, such input ran on a contiguous copy and the result was
+// copied back: 1x192x56x56 float32 forward, 2 threads, took 1.02 ms against
+// 0.39 ms for the same tensor contiguous; in place it takes about what the
+// contiguous kernel does, and the float32 backward 1.8-3.3x less (the
+// contiguous backward's three scratch tiles of strided rows are slower than
+// one position's rows in L1).
 #include "lrn.h"
 
 #include "../common/cpu_vec.h"
@@ -99,6 +113,26 @@ void window_cols(const A* v, A* dst, int64_t W, int64_t lo, int64_t hi, double* 
   }
 }
 
+// Windows up to this size are summed directly (channels_last rows).
+constexpr int64_t kDirectWindow = 32;
+
+// dst[c] = sum of v[c - lo .. c + hi] over a row of C values, v given as vp,
+// a copy padded with lo zeros before and hi (plus a vector of slack) after.
+template <typename A>
+void window_padded(const A* vp, A* dst, int64_t C, int64_t lo, int64_t hi, double* prefix) {
+  using AVec = at::vec::Vectorized<A>;
+  constexpr int64_t K = AVec::size();
+  if (lo + hi + 1 > kDirectWindow) {
+    window_cols(vp + lo, dst, C, lo, hi, prefix);
+    return;
+  }
+  for_each_step<K>(C, [&](int64_t c0, int64_t c) {
+    AVec a = AVec::loadu(vp + c0, c);
+    for (int64_t d = 1; d <= lo + hi; ++d) a = a + AVec::loadu(vp + c0 + d, c);
+    a.store(dst + c0, c);
+  });
+}
+
 template <typename T>
 struct Kernel {
   using IO = VecIO<T>;
@@ -177,6 +211,87 @@ struct Kernel {
     });
   }
 
+  // channels_last: f(offset, scratch, ld, prefix) per position (a row of R
+  // contiguous channels); scratch: `rows` rows of ld = R + lo + hi + 2S.
+  template <typename F>
+  void for_positions(int64_t rows, const F& f) const {
+    const int64_t C = p.R, ld = C + p.lo + p.hi + 2 * S;
+    const int64_t grain = std::max<int64_t>(1, 16384 / C);
+    at::parallel_for(0, p.B * p.W, grain, [&](int64_t pb, int64_t pe) {
+      std::vector<A> scratch(rows * ld, A(0));  // the pads stay zero
+      std::vector<double> prefix(C + 1);
+      for (int64_t q = pb; q < pe; ++q) f(q * C, scratch.data(), ld, prefix.data());
+    });
+  }
+
+  void forward_cl() const {
+    const T* x = p.x.const_data_ptr<T>();
+    T* out = p.out.mutable_data_ptr<T>();
+    const AVec va(static_cast<A>(p.alpha_n)), vk(static_cast<A>(p.k)), zero(A(0));
+    const A beta = static_cast<A>(p.beta);
+    const int64_t C = p.R;
+    for_positions(2, [&](int64_t o, A* scratch, int64_t ld, double* prefix) {
+      A* sq = scratch;        // [lo zeros | x^2 | hi zeros]
+      A* sum = scratch + ld;  // window sums S
+      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+        AVec a, b;
+        IO::load(x + o + j, c, a, b);
+        AccIO<A>::store(sq + p.lo + j, a * a, b * b, c);
+      });
+      window_padded(sq, sum, C, p.lo, p.hi, prefix);
+      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+        AVec x0, x1, s0, s1;
+        IO::load(x + o + j, c, x0, x1);
+        AccIO<A>::load(sum + j, c, s0, s1);
+        s0 = at::vec::fmadd(va, at::vec::maximum(s0, zero), vk);
+        s1 = at::vec::fmadd(va, at::vec::maximum(s1, zero), vk);
+        IO::store(out + o + j, x0 * inv_pow(s0, beta), x1 * inv_pow(s1, beta), c);
+      });
+    });
+  }
+
+  void backward_cl() const {
+    const T* x = p.x.const_data_ptr<T>();
+    const T* dy = p.dy.const_data_ptr<T>();
+    T* dx = p.out.mutable_data_ptr<T>();
+    const AVec va(static_cast<A>(p.alpha_n)), vk(static_cast<A>(p.k)), zero(A(0));
+    const A beta = static_cast<A>(p.beta);
+    const AVec coef(static_cast<A>(2 * p.alpha_n * p.beta));
+    const int64_t C = p.R;
+    for_positions(4, [&](int64_t o, A* scratch, int64_t ld, double* prefix) {
+      A* sq = scratch;        // [lo zeros | x^2 | hi zeros]
+      A* sum = sq + ld;       // S, then the reflected window sums U
+      A* tp = sum + ld;       // [hi zeros | t = dy * y / s | lo zeros]
+      A* rb = tp + ld;        // s^-beta
+      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+        AVec a, b;
+        IO::load(x + o + j, c, a, b);
+        AccIO<A>::store(sq + p.lo + j, a * a, b * b, c);
+      });
+      window_padded(sq, sum, C, p.lo, p.hi, prefix);
+      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+        AVec x0, x1, d0, d1, s0, s1;
+        IO::load(x + o + j, c, x0, x1);
+        IO::load(dy + o + j, c, d0, d1);
+        AccIO<A>::load(sum + j, c, s0, s1);
+        s0 = at::vec::fmadd(va, at::vec::maximum(s0, zero), vk);
+        s1 = at::vec::fmadd(va, at::vec::maximum(s1, zero), vk);
+        const AVec r0 = inv_pow(s0, beta), r1 = inv_pow(s1, beta);
+        AccIO<A>::store(rb + j, r0, r1, c);
+        AccIO<A>::store(tp + p.hi + j, d0 * x0 * r0 / s0, d1 * x1 * r1 / s1, c);
+      });
+      window_padded(tp, sum, C, p.hi, p.lo, prefix);  // reflected: [c - hi, c + lo]
+      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+        AVec x0, x1, d0, d1, r0, r1, u0, u1;
+        IO::load(x + o + j, c, x0, x1);
+        IO::load(dy + o + j, c, d0, d1);
+        AccIO<A>::load(rb + j, c, r0, r1);
+        AccIO<A>::load(sum + j, c, u0, u1);
+        IO::store(dx + o + j, d0 * r0 - coef * x0 * u0, d1 * r1 - coef * x1 * u1, c);
+      });
+    });
+  }
+
   void backward() const {
     const T* x = p.x.const_data_ptr<T>();
     const T* dy = p.dy.const_data_ptr<T>();
@@ -235,20 +350,26 @@ struct Kernel {
 
 void fwd_cpu(const Params& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
-                                  "response_norm_cpu", [&] { Kernel<scalar_t>(p).forward(); });
+                                  "response_norm_cpu", [&] {
+                                    const Kernel<scalar_t> k(p);
+                                    p.channels_last ? k.forward_cl() : k.forward();
+                                  });
 }
 
 void bwd_cpu(const Params& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
                                   "response_norm_backward_cpu",
-                                  [&] { Kernel<scalar_t>(p).backward(); });
+                                  [&] {
+                                    const Kernel<scalar_t> k(p);
+                                    p.channels_last ? k.backward_cl() : k.backward();
+                                  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
-  m.impl("local_response_norm", &lrn_op<fwd_cpu>);
-  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cpu>);
+  m.impl("local_response_norm", &lrn_op<fwd_cpu, true>);
+  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cpu, true>);
   m.impl("spatial_response_norm", &srn_op<fwd_cpu>);
   m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cpu>);
 }

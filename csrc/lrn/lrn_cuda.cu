@@ -15,6 +15,13 @@
 // buffer); kernel 2 runs the reflected window over t and recomputes s^-beta:
 //   dx = dy * s^-beta - 2 alpha_n beta * x * sum_reflected(t).
 // No atomics: every output element is written by one thread, in a fixed order.
+//
+// channels_last local_response_norm (x, dy, out laid out (B, W, R), lrn.h)
+// runs in place: one thread per element, its window over the R contiguous
+// channels of its position summed directly (LRN windows are a few channels;
+// the threads of a warp read neighbouring channels, so L1 serves the
+// overlapping reads; a non-finite value stays in its own window). The
+// backward is the same two kernels with t in a float32 buffer.
 #include "lrn.h"
 
 #include "../common/cuda_utils.cuh"
@@ -200,6 +207,75 @@ __global__ void cols_kernel(const T* __restrict__ x, const at::opmath_type<T>* _
       [&](int64_t i, A S) { dst[base + i] = S; });
 }
 
+// ------------------------------------------------- channels_last (LRN)
+// e % R, in 32 bits when both fit (64-bit division is emulated).
+__device__ __forceinline__ int64_t mod_fast(int64_t e, int64_t R) {
+  if (((e | R) >> 32) == 0) return static_cast<uint32_t>(e) % static_cast<uint32_t>(R);
+  return e % R;
+}
+
+// Sum of v(j) over the window [c - lo, c + hi] within [0, R).
+template <typename A, typename Get>
+__device__ __forceinline__ A cl_window(int64_t c, int64_t R, int64_t lo, int64_t hi,
+                                       const Get& v) {
+  const int64_t j0 = c - lo > 0 ? c - lo : 0, j1 = c + hi < R - 1 ? c + hi : R - 1;
+  A S = 0;
+  for (int64_t j = j0; j <= j1; ++j) S += v(j);
+  return S;
+}
+
+template <typename T>
+__device__ __forceinline__ at::opmath_type<T> cl_scale(const T* x, int64_t base, int64_t c,
+                                                       int64_t R, int64_t lo, int64_t hi,
+                                                       at::opmath_type<T> alpha_n,
+                                                       at::opmath_type<T> k) {
+  using A = at::opmath_type<T>;
+  const A S = cl_window<A>(c, R, lo, hi, [&](int64_t j) {
+    const A v = static_cast<A>(x[base + j]);
+    return v * v;
+  });
+  return k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
+}
+
+// MODE 0: out = x * s^-beta; 1: out (float32 t) = dy * x * s^-beta / s;
+// 2: out = dx = dy * s^-beta - coef * x * (reflected window sum of t).
+template <typename T, int MODE>
+__global__ void cl_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                          const at::opmath_type<T>* __restrict__ t, void* __restrict__ out,
+                          int64_t numel, int64_t R, int64_t lo, int64_t hi,
+                          at::opmath_type<T> alpha_n, at::opmath_type<T> beta,
+                          at::opmath_type<T> k, at::opmath_type<T> coef) {
+  using A = at::opmath_type<T>;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = mod_fast(e, R), base = e - c;
+    const A s = cl_scale<T>(x, base, c, R, lo, hi, alpha_n, k);
+    const A xv = static_cast<A>(x[e]);
+    if constexpr (MODE == 0) {
+      static_cast<T*>(out)[e] = static_cast<T>(xv * inv_pow(s, beta));
+    } else if constexpr (MODE == 1) {
+      static_cast<A*>(out)[e] = static_cast<A>(dy[e]) * xv * inv_pow(s, beta) / s;
+    } else {
+      const A U = cl_window<A>(c, R, hi, lo, [&](int64_t j) { return t[base + j]; });
+      static_cast<T*>(out)[e] =
+          static_cast<T>(static_cast<A>(dy[e]) * inv_pow(s, beta) - coef * xv * U);
+    }
+  }
+}
+
+template <typename T, int MODE>
+void cl_launch(const Params& p, const at::opmath_type<T>* t, void* out) {
+  using A = at::opmath_type<T>;
+  const int64_t numel = p.x.numel();
+  const int64_t cap = static_cast<int64_t>(num_sms()) * (2048 / kThreads) * 4;
+  const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(numel, kThreads), cap));
+  cl_kernel<T, MODE><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      p.x.const_data_ptr<T>(), MODE == 0 ? nullptr : p.dy.const_data_ptr<T>(), t, out, numel,
+      p.R, p.lo, p.hi, static_cast<A>(p.alpha_n), static_cast<A>(p.beta),
+      static_cast<A>(p.k), static_cast<A>(2 * p.alpha_n * p.beta));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ------------------------------------------------------------------ launch
 Geo make_geo(const Params& p, int64_t lo, int64_t hi) {
   Geo g;
@@ -239,6 +315,10 @@ void cols_launch(const Params& p, const T* x, const at::opmath_type<T>* src,
 template <typename T>
 void fwd_launch(const Params& p) {
   using A = at::opmath_type<T>;
+  if (p.channels_last) {
+    cl_launch<T, 0>(p, nullptr, p.out.mutable_data_ptr<T>());
+    return;
+  }
   const T* x = p.x.const_data_ptr<T>();
   at::Tensor qbuf;
   const A* q = nullptr;
@@ -260,6 +340,12 @@ void bwd_launch(const Params& p) {
   using A = at::opmath_type<T>;
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto acc_opts = p.x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  if (p.channels_last) {  // t in a float32 buffer laid out as x
+    at::Tensor tbuf = at::empty({p.x.numel()}, acc_opts);
+    cl_launch<T, 1>(p, nullptr, tbuf.mutable_data_ptr<A>());
+    cl_launch<T, 2>(p, tbuf.const_data_ptr<A>(), p.out.mutable_data_ptr<T>());
+    return;
+  }
   const T* x = p.x.const_data_ptr<T>();
   const T* dy = p.dy.const_data_ptr<T>();
   at::Tensor qbuf;
@@ -304,8 +390,8 @@ void bwd_cuda(const Params& p) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
-  m.impl("local_response_norm", &lrn_op<fwd_cuda>);
-  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cuda>);
+  m.impl("local_response_norm", &lrn_op<fwd_cuda, true>);
+  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cuda, true>);
   m.impl("spatial_response_norm", &srn_op<fwd_cuda>);
   m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cuda>);
 }
