@@ -5,11 +5,13 @@
 // and computes each source address from the channel map (no device table,
 // so nothing is copied from the host):
 //   * plane mode (contiguous layout, I > 1): the V elements share a channel,
-//     so both the load and the store are one 16-byte access when I, and every
-//     base address, allow it;
+//     so both the load and the store are one V-element access;
 //   * channel mode (channels_last, I == 1): the V elements are V consecutive
 //     destination channels of one outer row: V scalar gathers (coalesced
-//     across the warp) and one 16-byte store.
+//     across the warp) and one V-element store.
+// V is the widest power of two up to 16 bytes that the shape and the base
+// addresses allow (vec_ok): a bfloat16 14x14 plane (I = 196) moves 4
+// elements (8 bytes) per access instead of falling back to one.
 // Kernels are templated on the element size only (1, 2, 4, 8, 16 bytes),
 // which covers every dtype. 32-bit indexing when the tensor allows it, else
 // 64-bit. Up to kMaxPieces pieces travel as a kernel argument; more pieces
@@ -63,7 +65,7 @@ __device__ __forceinline__ const T* piece_addr(
 // else:        destination = the pieces (concatenated channel c), source = shuffled.
 template <typename T, int V, bool kPlane, bool kToShuffled, typename index_t>
 __global__ void shuffle_kernel(
-    PieceTable pieces,
+    const __grid_constant__ PieceTable pieces,  // indexed in place, not copied to local memory
     T* shuffled,
     index_t C,
     index_t I,
@@ -156,27 +158,49 @@ void launch_mode(const PieceTable& table, const Params& p) {
   return launch_index<T, V, false, false>(table, p);
 }
 
+// Whether V-element accesses are valid: every vector stays in one channel
+// (plane mode: V divides I) or row of C channels (channel mode: V divides C),
+// and every base address they touch is aligned to V elements. Channel mode
+// into the shuffled tensor reads the pieces by scalar gathers, so only the
+// pieces that are written by vectors (plane mode; channel mode into the
+// pieces, where V must also divide each piece's channels so that a vector
+// stays in one piece) are checked.
+template <typename T, int V>
+bool vec_ok(const Params& p) {
+  const int64_t bytes = static_cast<int64_t>(sizeof(T)) * V;
+  if (!is_aligned(p.shuffled.data_ptr(), bytes)) return false;
+  if ((p.I > 1 ? p.I : p.C) % V != 0) return false;
+  if (p.I == 1 && p.to_shuffled) return true;
+  for (const at::Tensor& t : p.pieces) {
+    if (!is_aligned(t.data_ptr(), bytes)) return false;
+    if (p.I == 1 && t.size(1) % V != 0) return false;
+  }
+  return true;
+}
+
+template <typename T, int V>
+void launch_widest(const PieceTable& table, const Params& p) {
+  if constexpr (V > 1) {
+    if (vec_ok<T, V>(p)) return launch_mode<T, V>(table, p);
+    return launch_widest<T, V / 2>(table, p);
+  } else {
+    launch_mode<T, 1>(table, p);
+  }
+}
+
 template <typename T>
 void launch_typed(const Params& p) {
-  constexpr int VM = vec_width<T>();
   PieceTable table{};
   table.n = static_cast<int>(p.pieces.size());
-  bool aligned = is_aligned(p.shuffled.data_ptr(), 16);
-  bool divisible = p.I > 1 ? p.I % VM == 0 : p.C % VM == 0;
   int64_t c0 = 0;
   for (int k = 0; k < table.n; ++k) {
     const at::Tensor& t = p.pieces[k];
     table.ptr[k] = static_cast<char*>(t.data_ptr());
     table.begin[k] = c0;
     c0 += t.size(1);
-    aligned = aligned && is_aligned(t.data_ptr(), 16);
-    if (p.I == 1) divisible = divisible && t.size(1) % VM == 0;
   }
   table.begin[table.n] = c0;
-  if constexpr (VM > 1) {
-    if (aligned && divisible) return launch_mode<T, VM>(table, p);
-  }
-  launch_mode<T, 1>(table, p);
+  launch_widest<T, vec_width<T>()>(table, p);
 }
 
 void launch_cuda(const Params& p) {
