@@ -14,6 +14,8 @@ Environment:
                              machine and torch support)
   TORCHFUSE_NO_OPENMP=1      CPU kernels on one thread (default: OpenMP, as torch)
   TORCHFUSE_DEBUG=1          -O0 -g, and device line info
+  TORCHFUSE_NVCC_FLAGS       extra nvcc flags, space-separated (bench/gpu_check.sh
+                             passes -Xptxas=-v: registers and spills per kernel)
   MAX_JOBS                   parallel compile jobs (ninja)
 """
 
@@ -119,6 +121,7 @@ def extensions():
     if WITH_CUDA:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc += os.environ.get("TORCHFUSE_NVCC_FLAGS", "").split()
         for inc in nvidia_dirs("include"):  # cuBLAS etc. from pip's CUDA torch
             nvcc += ["-isystem", inc]  # after the toolkit's own headers
         ext = CUDAExtension(

@@ -48,10 +48,14 @@ step() {  # step NAME LOG SECONDS CMD...: runs CMD (at most SECONDS), logs, reco
 } > "$OUT/env.txt" 2>&1
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# ptxas -v: registers, shared memory and spills of every kernel, in build.log
+export TORCHFUSE_NVCC_FLAGS="${TORCHFUSE_NVCC_FLAGS:--Xptxas=-v}"
 if ! step build "$OUT/build.log" "${T_BUILD:-200}" "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then
   tail -60 "$OUT/build.log"
   exit 1
 fi
+note "kernels that spill registers: $(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$OUT/build.log")"
+grep -B2 -E '[1-9][0-9]* bytes spill (stores|loads)' "$OUT/build.log" | grep -oE "_Z[A-Za-z0-9_]+" | sort -u | head -20 >> "$OUT/summary.txt"
 "$PY" -m torchfuse.info >> "$OUT/summary.txt" 2>&1
 
 # -v: every test's outcome is in the log as it happens, so a run cut off by
