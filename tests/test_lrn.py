@@ -109,6 +109,31 @@ def test_lrn_channels_last_matches_reference(device, dtype, shape, size):
            shape, size, dtype, device, *PARAMS, memory_format=fmt)
 
 
+# channels_last spatial_response_norm runs in place on the CPU for windows up
+# to 16 (tasks of 8 rows and 64 channels: more of each, halos across them),
+# through contiguous copies beyond.
+SRN_CL_CASES = [
+    ((2, 6, 5, 7), 1),
+    ((2, 6, 5, 7), 3),
+    ((1, 5, 9, 11), 2),
+    ((2, 70, 20, 3), 4),
+    ((1, 130, 17, 9), 5),
+    ((2, 3, 3, 4), 7),
+    ((1, 9, 19, 6), 16),
+    ((1, 4, 18, 5), 17),
+]
+
+
+@pytest.mark.parametrize("shape,size", SRN_CL_CASES, ids=[f"{s}-{n}" for s, n in SRN_CL_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_srn_channels_last_matches_reference(device, dtype, shape, size):
+    def torch_like(x, *args):
+        return R.spatial_response_norm(x.float(), *args).to(x.dtype)
+
+    _check(F.spatial_response_norm, R.spatial_response_norm, torch_like,
+           shape, size, dtype, device, *PARAMS, memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("shape,size", SRN_CASES, ids=[f"{s}-{n}" for s, n in SRN_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_srn_matches_reference(device, dtype, shape, size):
@@ -280,6 +305,8 @@ def test_opcheck(device):
     gc = randn(2, 5, 3, 4, device=device).to(memory_format=torch.channels_last)
     torch.library.opcheck(ops.local_response_norm.default, (xc, 3, 0.1, 0.75, 1.0))
     torch.library.opcheck(ops.local_response_norm_backward.default, (gc, xc, 4, 0.1, 0.75, 1.0))
+    torch.library.opcheck(ops.spatial_response_norm.default, (xc, 3, 0.1, 0.75, 1.0))
+    torch.library.opcheck(ops.spatial_response_norm_backward.default, (gc, xc, 4, 0.1, 0.75, 1.0))
 
 
 def test_compile_fullgraph(device):

@@ -45,7 +45,8 @@ at::Tensor run(Params& p, const at::Tensor& input, bool backward, Launcher launc
   if (input.numel() == 0) {
     return at::empty(input.sizes(), input.options().memory_format(fmt));
   }
-  if (native_cl && fmt != at::MemoryFormat::Contiguous) {
+  if (native_cl && fmt != at::MemoryFormat::Contiguous &&
+      (!p.cols || p.lo + p.hi + 1 <= kClSpatialMaxWindow)) {
     at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
     p.x = input;  // contiguous in fmt (out_format checked it)
     if (backward) p.dy = p.dy.contiguous(fmt);
@@ -85,6 +86,7 @@ Params srn_params(const at::Tensor& input, int64_t size, double alpha, double be
   p.lo = (size - 1) / 2;
   p.hi = size / 2;
   p.cols = true;
+  p.C = input.size(1);
   p.alpha_n = alpha / (static_cast<double>(size) * static_cast<double>(size));
   p.beta = beta;
   p.k = k;
@@ -126,20 +128,21 @@ at::Tensor lrn_backward(const at::Tensor& grad_out, const at::Tensor& input, int
 }
 
 at::Tensor srn_forward(const at::Tensor& input, int64_t size, double alpha, double beta,
-                       double k, Launcher launch) {
+                       double k, Launcher launch, bool native_cl) {
   check_srn("spatial_response_norm", input, size);
   Params p = srn_params(input, size, alpha, beta, k);
-  return run(p, input, false, launch);
+  return run(p, input, false, launch, native_cl);
 }
 
 at::Tensor srn_backward(const at::Tensor& grad_out, const at::Tensor& input, int64_t size,
-                        double alpha, double beta, double k, Launcher launch) {
+                        double alpha, double beta, double k, Launcher launch,
+                        bool native_cl) {
   const char* op = "spatial_response_norm_backward";
   check_srn(op, input, size);
   check_grad(op, grad_out, input);
   Params p = srn_params(input, size, alpha, beta, k);
   p.dy = grad_out;
-  return run(p, input, true, launch);
+  return run(p, input, true, launch, native_cl);
 }
 
 }  // namespace torchfuse::lrn

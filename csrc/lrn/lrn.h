@@ -12,9 +12,11 @@
 //   [h - (size-1)/2, h + size/2], alpha_n = alpha / size^2.
 // The backward window is the forward one reflected (lo and hi swapped).
 //
-// channels_last local_response_norm (launchers that take it): x, dy and out
-// stay in the input's memory format, (B, W, R) in memory: the window runs
-// along the contiguous R (channels) of each of the B * W positions.
+// channels_last input (launchers that take it): x, dy and out stay in the
+// input's memory format. local_response_norm: (B, W, R) in memory, the window
+// runs along the contiguous R (channels) of each of the B * W positions.
+// spatial_response_norm (windows up to kClSpatialMaxWindow): (N, R, W, C) in
+// memory with B = N * C, the window over rows and columns of each channel.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,11 +28,16 @@ struct Params {
   int64_t B = 0, R = 0, W = 0;
   int64_t lo = 0, hi = 0;  // forward window: rows [r - lo, r + hi]
   bool cols = false;       // spatial: the same window over columns
-  bool channels_last = false;  // x, dy, out laid out (B, W, R) (see above)
+  bool channels_last = false;  // x, dy, out in channels_last order (see above)
+  int64_t C = 0;               // spatial, channels_last: channels (B = N * C)
   double alpha_n = 0, beta = 0, k = 0;
 };
 
 using Launcher = void (*)(const Params&);
+
+// Widest spatial window run in place on channels_last input (the kernels sum
+// windows directly); wider ones run on contiguous copies.
+constexpr int64_t kClSpatialMaxWindow = 16;
 
 // native_cl: the launcher takes channels_last local_response_norm as it is
 // (else such input is run on contiguous copies).
@@ -40,10 +47,10 @@ at::Tensor lrn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         int64_t size, double alpha, double beta, double k,
                         Launcher launch, bool native_cl = false);
 at::Tensor srn_forward(const at::Tensor& input, int64_t size, double alpha,
-                       double beta, double k, Launcher launch);
+                       double beta, double k, Launcher launch, bool native_cl = false);
 at::Tensor srn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         int64_t size, double alpha, double beta, double k,
-                        Launcher launch);
+                        Launcher launch, bool native_cl = false);
 
 template <Launcher fwd, bool native_cl = false>
 at::Tensor lrn_op(const at::Tensor& input, int64_t size, double alpha,
@@ -55,15 +62,15 @@ at::Tensor lrn_backward_op(const at::Tensor& grad_out, const at::Tensor& input,
                            int64_t size, double alpha, double beta, double k) {
   return lrn_backward(grad_out, input, size, alpha, beta, k, bwd, native_cl);
 }
-template <Launcher fwd>
+template <Launcher fwd, bool native_cl = false>
 at::Tensor srn_op(const at::Tensor& input, int64_t size, double alpha,
                   double beta, double k) {
-  return srn_forward(input, size, alpha, beta, k, fwd);
+  return srn_forward(input, size, alpha, beta, k, fwd, native_cl);
 }
-template <Launcher bwd>
+template <Launcher bwd, bool native_cl = false>
 at::Tensor srn_backward_op(const at::Tensor& grad_out, const at::Tensor& input,
                            int64_t size, double alpha, double beta, double k) {
-  return srn_backward(grad_out, input, size, alpha, beta, k, bwd);
+  return srn_backward(grad_out, input, size, alpha, beta, k, bwd, native_cl);
 }
 
 }  // namespace torchfuse::lrn

@@ -21,7 +21,10 @@
 // channels of its position summed directly (LRN windows are a few channels;
 // the threads of a warp read neighbouring channels, so L1 serves the
 // overlapping reads; a non-finite value stays in its own window). The
-// backward is the same two kernels with t in a float32 buffer.
+// backward is the same two kernels with t in a float32 buffer. channels_last
+// spatial_response_norm (windows up to kClSpatialMaxWindow) likewise sums
+// each element's size x size window of its channel directly (the threads of a
+// warp own neighbouring channels, so every access is coalesced).
 #include "lrn.h"
 
 #include "../common/cuda_utils.cuh"
@@ -238,7 +241,23 @@ __device__ __forceinline__ at::opmath_type<T> cl_scale(const T* x, int64_t base,
 }
 
 // MODE 0: out = x * s^-beta; 1: out (float32 t) = dy * x * s^-beta / s;
-// 2: out = dx = dy * s^-beta - coef * x * (reflected window sum of t).
+// 2: out = dx = dy * s^-beta - coef * x * U, U = reflected_sum() (of t).
+template <typename T, int MODE, typename U>
+__device__ __forceinline__ void cl_store(int64_t e, at::opmath_type<T> s, const T* x,
+                                         const T* dy, void* out, at::opmath_type<T> beta,
+                                         at::opmath_type<T> coef, const U& reflected_sum) {
+  using A = at::opmath_type<T>;
+  const A xv = static_cast<A>(x[e]);
+  if constexpr (MODE == 0) {
+    static_cast<T*>(out)[e] = static_cast<T>(xv * inv_pow(s, beta));
+  } else if constexpr (MODE == 1) {
+    static_cast<A*>(out)[e] = static_cast<A>(dy[e]) * xv * inv_pow(s, beta) / s;
+  } else {
+    static_cast<T*>(out)[e] =
+        static_cast<T>(static_cast<A>(dy[e]) * inv_pow(s, beta) - coef * xv * reflected_sum());
+  }
+}
+
 template <typename T, int MODE>
 __global__ void cl_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                           const at::opmath_type<T>* __restrict__ t, void* __restrict__ out,
@@ -250,16 +269,39 @@ __global__ void cl_kernel(const T* __restrict__ x, const T* __restrict__ dy,
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = mod_fast(e, R), base = e - c;
     const A s = cl_scale<T>(x, base, c, R, lo, hi, alpha_n, k);
-    const A xv = static_cast<A>(x[e]);
-    if constexpr (MODE == 0) {
-      static_cast<T*>(out)[e] = static_cast<T>(xv * inv_pow(s, beta));
-    } else if constexpr (MODE == 1) {
-      static_cast<A*>(out)[e] = static_cast<A>(dy[e]) * xv * inv_pow(s, beta) / s;
-    } else {
-      const A U = cl_window<A>(c, R, hi, lo, [&](int64_t j) { return t[base + j]; });
-      static_cast<T*>(out)[e] =
-          static_cast<T>(static_cast<A>(dy[e]) * inv_pow(s, beta) - coef * xv * U);
-    }
+    cl_store<T, MODE>(e, s, x, dy, out, beta, coef, [&] {
+      return cl_window<A>(c, R, hi, lo, [&](int64_t j) { return t[base + j]; });
+    });
+  }
+}
+
+// channels_last spatial, MODE as cl_kernel; element e = ((n H + h) W + w) C + c.
+template <typename T, int MODE>
+__global__ void cls_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                           const at::opmath_type<T>* __restrict__ t, void* __restrict__ out,
+                           int64_t numel, int64_t H, int64_t W, int64_t C, int64_t lo,
+                           int64_t hi, at::opmath_type<T> alpha_n, at::opmath_type<T> beta,
+                           at::opmath_type<T> k, at::opmath_type<T> coef) {
+  using A = at::opmath_type<T>;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = mod_fast(e, C), pos = (e - c) / C;  // pos = (n H + h) W + w
+    const int64_t w = mod_fast(pos, W), nh = (pos - w) / W;
+    const int64_t h = mod_fast(nh, H), base = (nh - h) * W * C + c;  // (n, 0, 0, c)
+    auto at_hw = [&](int64_t i, int64_t j) { return base + (i * W + j) * C; };
+    // sum of v(i, j) over rows [h - a, h + b] and columns [w - a, w + b]
+    auto window2 = [&](int64_t a, int64_t b, auto v) {
+      return cl_window<A>(h, H, a, b, [&](int64_t i) {
+        return cl_window<A>(w, W, a, b, [&](int64_t j) { return v(at_hw(i, j)); });
+      });
+    };
+    const A S = window2(lo, hi, [&](int64_t o) {
+      const A v = static_cast<A>(x[o]);
+      return v * v;
+    });
+    const A s = k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
+    cl_store<T, MODE>(e, s, x, dy, out, beta, coef,
+                      [&] { return window2(hi, lo, [&](int64_t o) { return t[o]; }); });
   }
 }
 
@@ -269,10 +311,18 @@ void cl_launch(const Params& p, const at::opmath_type<T>* t, void* out) {
   const int64_t numel = p.x.numel();
   const int64_t cap = static_cast<int64_t>(num_sms()) * (2048 / kThreads) * 4;
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(numel, kThreads), cap));
-  cl_kernel<T, MODE><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      p.x.const_data_ptr<T>(), MODE == 0 ? nullptr : p.dy.const_data_ptr<T>(), t, out, numel,
-      p.R, p.lo, p.hi, static_cast<A>(p.alpha_n), static_cast<A>(p.beta),
-      static_cast<A>(p.k), static_cast<A>(2 * p.alpha_n * p.beta));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const T* dy = MODE == 0 ? nullptr : p.dy.const_data_ptr<T>();
+  const A alpha_n = static_cast<A>(p.alpha_n), beta = static_cast<A>(p.beta),
+          k = static_cast<A>(p.k), coef = static_cast<A>(2 * p.alpha_n * p.beta);
+  if (p.cols) {
+    cls_kernel<T, MODE><<<blocks, kThreads, 0, stream>>>(
+        p.x.const_data_ptr<T>(), dy, t, out, numel, p.R, p.W, p.C, p.lo, p.hi, alpha_n, beta,
+        k, coef);
+  } else {
+    cl_kernel<T, MODE><<<blocks, kThreads, 0, stream>>>(
+        p.x.const_data_ptr<T>(), dy, t, out, numel, p.R, p.lo, p.hi, alpha_n, beta, k, coef);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -392,8 +442,8 @@ void bwd_cuda(const Params& p) {
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
   m.impl("local_response_norm", &lrn_op<fwd_cuda, true>);
   m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cuda, true>);
-  m.impl("spatial_response_norm", &srn_op<fwd_cuda>);
-  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cuda>);
+  m.impl("spatial_response_norm", &srn_op<fwd_cuda, true>);
+  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cuda, true>);
 }
 
 }  // namespace torchfuse::lrn
