@@ -255,17 +255,19 @@ def lrn_cases() -> list[Case]:
                     ))
     # channels_last input (what a channels_last CNN hands the layer), where
     # torch's composite runs on channels_last tensors too
-    for dtype in (torch.float32, torch.bfloat16):
-        for N in LRN_BATCHES[:2]:
-            for label, C, HW in (LRN_SHAPES[0], LRN_SHAPES[3]):
-                nbytes = N * C * HW * HW * _size(dtype)
-                cases.append(Case(
-                    op="local_response_norm", name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
-                    make_inputs=_lrn_inputs(N, C, HW, cl=True), torchfuse=_tf_lrn,
-                    eager=_eager_lrn, grad_inputs=("x",),
-                    bytes_fwd=2 * nbytes, bytes_bwd=3 * nbytes,
-                    tags={"layout": "channels_last"},
-                ))
+    for op, tf, eager in (("local_response_norm", _tf_lrn, _eager_lrn),
+                          ("spatial_response_norm", _tf_srn, _eager_srn)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for N in LRN_BATCHES[:2]:
+                for label, C, HW in (LRN_SHAPES[0], LRN_SHAPES[3]):
+                    nbytes = N * C * HW * HW * _size(dtype)
+                    cases.append(Case(
+                        op=op, name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
+                        make_inputs=_lrn_inputs(N, C, HW, cl=True), torchfuse=tf,
+                        eager=eager, grad_inputs=("x",),
+                        bytes_fwd=2 * nbytes, bytes_bwd=3 * nbytes,
+                        tags={"layout": "channels_last"},
+                    ))
     return cases
 
 
