@@ -143,6 +143,7 @@ def test_inverse_and_zero_size(device):
 CAT_CASES = [
     ([(2, 3, 5), (2, 3, 5)], 2),
     ([(1, 58, 7, 7), (1, 58, 7, 7)], 2),  # ShuffleNetV2 stage-3 tail, batch 1
+    ([(1, 116, 14, 14), (1, 116, 14, 14)], 2),  # 14x14 planes: 8-byte vectors in half
     ([(2, 1, 4, 3), (2, 5, 4, 3), (2, 6, 4, 3)], 3),  # unequal pieces
     ([(2, 8, 3, 3), (2, 0, 3, 3), (2, 8, 3, 3)], 4),  # an empty piece
     ([(2, 4, 2, 3, 2), (2, 2, 2, 3, 2)], 6),  # 5-D, groups = C

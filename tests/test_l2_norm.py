@@ -36,6 +36,7 @@ L2_SHAPES = [
     ((6,), 0),  # 1-D
     ((3, 4, 130), 0),  # dim 0, inner 520: full blocks and a tail
     ((1, 512, 38, 38), 1),  # SSD conv4_3 at batch 1
+    ((1, 100000, 2), 1),  # long columns, inner 2: many channel splits on CUDA
 ]
 L2_IDS = [f"{s}-d{d}" for s, d in L2_SHAPES]
 

@@ -30,6 +30,7 @@ SHAPES = [
     ((1, 4096), (4096,)),  # batch 1, LLM hidden size
     ((37, 1000), (1000,)),
     ((3, 20000), (20000,)),  # longer than the CUDA register-resident path
+    ((1000, 64), (64,)),  # many short rows: several rows per CUDA block
 ]
 
 
