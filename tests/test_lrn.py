@@ -38,6 +38,7 @@ SRN_CASES = [
     ((2, 2, 3, 4), 7),  # size > H, W
     ((1, 1, 1, 1), 3),
     ((1, 4, 40, 37), 5),
+    ((1, 2, 6, 45), 34),  # wider than the direct column sums (float64 prefix sums)
 ]
 PARAMS = (2e-2, 0.75, 1.0)  # alpha, beta, k: alpha large enough to matter
 

@@ -8,8 +8,9 @@
 // max(16, size) rows the sum is re-anchored (summed afresh) so that rounding
 // drift of the running add/subtract stays bounded, and wherever the running
 // sum is not finite (an inf or NaN input stays in it after leaving the
-// window). Spatial column windows use a float64 prefix sum per row (a window
-// whose difference is not finite is summed directly). The backward
+// window). Spatial column windows are summed directly from a zero-padded copy
+// of the row, size shifted vector loads (float64 prefix sums for windows
+// wider than kDirectWindow). The backward
 // recomputes S from x (only x is saved), stores s^-beta and dy*y/s for the
 // tile, and runs the reflected window over the latter: x and dy are read from
 // memory once, dx written once.
@@ -197,16 +198,24 @@ struct Kernel {
 
   // q[r][j] = x[r][w0 + j]^2, or (spatial) its column-window sum; tmp: n.
   void squares(const T* x, int64_t w0, int64_t m, A* q, A* tmp, double* prefix) const {
+    if (p.cols) pad_row(tmp, m, p.lo, p.hi);
     for (int64_t r = 0; r < p.R; ++r) {
       const T* xr = x + r * p.W + w0;
-      A* qr = p.cols ? tmp : q + r * n;
+      A* qr = p.cols ? tmp + p.lo : q + r * n;
       for_each_step<S>(m, [&](int64_t j, int64_t c) {
         AVec a, b;
         IO::load(xr + j, c, a, b);
         AccIO<A>::store(qr + j, a * a, b * b, c);
       });
-      if (p.cols) window_cols(tmp, q + r * n, m, p.lo, p.hi, prefix);
+      if (p.cols) window_padded(tmp, q + r * n, m, p.lo, p.hi, prefix);
     }
+  }
+
+  // Zeroes the pads of a row buffer laid out [lo | m values | hi + slack]
+  // for window_padded (the scratch's last row; it has lo + hi + 2S extra).
+  static void pad_row(A* row, int64_t m, int64_t lo, int64_t hi) {
+    std::fill(row, row + lo, A(0));
+    std::fill(row + lo + m, row + lo + m + hi + 2 * S, A(0));
   }
 
   // f(b, w0, m, scratch, prefix) over every (plane, tile); `rows` scratch
@@ -216,7 +225,7 @@ struct Kernel {
     const int64_t tasks = p.B * tiles;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.R * n));
     at::parallel_for(0, tasks, grain, [&](int64_t tb, int64_t te) {
-      std::vector<A> scratch((rows * p.R + 2) * n);
+      std::vector<A> scratch((rows * p.R + 2) * n + p.lo + p.hi + 2 * S);
       std::vector<double> prefix(p.cols ? n + 1 : 0);
       for (int64_t t = tb; t < te; ++t) {
         const int64_t b = t / tiles, w0 = (t % tiles) * n;
@@ -496,9 +505,11 @@ struct Kernel {
         });
       });
       const A* src = tb;
-      if (p.cols) {
+      if (p.cols) {  // reflected columns [w - hi, w + lo]
+        pad_row(tmp, m, p.hi, p.lo);
         for (int64_t r = 0; r < p.R; ++r) {
-          window_cols(tb + r * n, q + r * n, m, p.hi, p.lo, prefix);
+          std::copy(tb + r * n, tb + r * n + m, tmp + p.hi);
+          window_padded(tmp, q + r * n, m, p.hi, p.lo, prefix);
         }
         src = q;
       }
