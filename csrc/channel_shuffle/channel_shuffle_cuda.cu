@@ -65,7 +65,9 @@ __device__ __forceinline__ const T* piece_addr(
 // else:        destination = the pieces (concatenated channel c), source = shuffled.
 template <typename T, int V, bool kPlane, bool kToShuffled, typename index_t>
 __global__ void shuffle_kernel(
-    const __grid_constant__ PieceTable pieces,  // indexed in place, not copied to local memory
+    // indexed in place, not copied to local memory (CUDA 11.7+, sm_70+; the
+    // CUDA 13 toolkit this builds with starts at sm_75)
+    const __grid_constant__ PieceTable pieces,
     T* shuffled,
     index_t C,
     index_t I,

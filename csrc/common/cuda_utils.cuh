@@ -113,6 +113,19 @@ __device__ __forceinline__ void store_scaled_row(
   }
 }
 
+// Quotient and remainder of non-negative a, b; 32-bit when both fit (64-bit division is
+// emulated on the GPU, several times the cost).
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((a | b) >> 32) == 0) {
+    const uint32_t a32 = static_cast<uint32_t>(a), b32 = static_cast<uint32_t>(b);
+    q = a32 / b32;
+    r = a32 - static_cast<uint32_t>(q) * b32;
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }

@@ -400,9 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   rp.dy = dy;
   rp.geo = g;
   rp.act = act;
-  rp.R = g.cl && launch.reduce_rows_cl > 0
-      ? launch.reduce_rows_cl
-      : std::max<int64_t>(1, launch.reduce_chunk / (g.cl ? g.C : 1));
+  rp.R = std::max<int64_t>(1, launch.reduce_chunk / (g.cl ? g.C : 1));
+  if (g.cl) rp.R = std::max(rp.R, launch.reduce_rows_cl);
   if (launch.max_chunks > 0) rp.R = std::max(rp.R, (g.S + launch.max_chunks - 1) / launch.max_chunks);
   rp.K = (g.S + rp.R - 1) / rp.R;
   PointwiseParams pp;

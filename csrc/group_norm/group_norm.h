@@ -129,8 +129,9 @@ struct Launchers {
   int64_t stat_chunk_cl; // elements per statistics chunk (channels_last)
   bool cl_per_group;     // cl statistics chunks count D (true) or C channels
   int64_t reduce_chunk;  // elements per reduction chunk (R * C, or R planar)
-  // channels_last reduction: rows per chunk (0: reduce_chunk / C, for kernels
-  // whose task spans all C channels; CUDA blocks span 32 of them).
+  // channels_last reduction: at least this many rows per chunk (the default
+  // is reduce_chunk / C, for kernels whose task spans all C channels; CUDA
+  // blocks span 32 of them).
   int64_t reduce_rows_cl = 0;
   // Chunks per group (statistics) or per plane/sample (reduction) grow past
   // stat_chunk / reduce_chunk so that there are at most this many (0: no

@@ -3,8 +3,10 @@
 //
 // COMPILED, NEVER RUN: no session has had a GPU to execute these yet. They
 // are kept deliberately simple:
-//   * statistics: one block per (n, group, chunk of ~4096 elements), so even
-//     batch 1 with 32 groups gives thousands of blocks; two passes over the
+//   * statistics: one block per (n, group, chunk of 4096 elements, longer
+//     where a group would have more than max_chunks = 1024 of them: their
+//     combine runs on one thread per group), so even batch 1 with 32 groups
+//     gives thousands of blocks; two passes over the
 //     chunk (the second from L1/L2): rough mean, then sums of (x - rough) and
 //     its square, written in float64 to a workspace; the chunks are combined
 //     in a fixed order afterwards (no atomics);
@@ -143,19 +145,6 @@ __device__ __forceinline__ A pointwise_op(A x, A dy, const A* p) {
     return act_fwd<ACT>(y);
   } else {
     return p[3] * act_grad<ACT>(dy, y) + p[4] * d + p[5];
-  }
-}
-
-// Quotient and remainder; 32-bit when both operands fit (64-bit division is
-// emulated on the GPU, several times the cost).
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (((a | b) >> 32) == 0) {
-    const uint32_t a32 = static_cast<uint32_t>(a), b32 = static_cast<uint32_t>(b);
-    q = a32 / b32;
-    r = a32 - static_cast<uint32_t>(q) * b32;
-  } else {
-    q = a / b;
-    r = a - q * b;
   }
 }
 
@@ -484,8 +473,8 @@ const Launchers kCuda{
     .stat_chunk_cl = kStatChunk,
     .cl_per_group = true,
     .reduce_chunk = kReduceChunk,
-    .reduce_rows_cl = kReduceChunk / kTileC,  // 128 rows of a 32-channel tile
-    .max_chunks = 256,
+    .reduce_rows_cl = kReduceChunk / kTileC,  // at least 128 rows of a 32-channel tile
+    .max_chunks = 1024,
 };
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {

@@ -211,12 +211,6 @@ __global__ void cols_kernel(const T* __restrict__ x, const at::opmath_type<T>* _
 }
 
 // ------------------------------------------------- channels_last (LRN)
-// e % R, in 32 bits when both fit (64-bit division is emulated).
-__device__ __forceinline__ int64_t mod_fast(int64_t e, int64_t R) {
-  if (((e | R) >> 32) == 0) return static_cast<uint32_t>(e) % static_cast<uint32_t>(R);
-  return e % R;
-}
-
 // Sum of v(j) over the window [c - lo, c + hi] within [0, R).
 template <typename A, typename Get>
 __device__ __forceinline__ A cl_window(int64_t c, int64_t R, int64_t lo, int64_t hi,
@@ -267,7 +261,9 @@ __global__ void cl_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   using A = at::opmath_type<T>;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = mod_fast(e, R), base = e - c;
+    int64_t pos, c;
+    divmod(e, R, pos, c);
+    const int64_t base = pos * R;  // the position's channel 0
     const A s = cl_scale<T>(x, base, c, R, lo, hi, alpha_n, k);
     cl_store<T, MODE>(e, s, x, dy, out, beta, coef, [&] {
       return cl_window<A>(c, R, hi, lo, [&](int64_t j) { return t[base + j]; });
@@ -285,9 +281,11 @@ __global__ void cls_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   using A = at::opmath_type<T>;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = mod_fast(e, C), pos = (e - c) / C;  // pos = (n H + h) W + w
-    const int64_t w = mod_fast(pos, W), nh = (pos - w) / W;
-    const int64_t h = mod_fast(nh, H), base = (nh - h) * W * C + c;  // (n, 0, 0, c)
+    int64_t pos, c, nh, w, n, h;
+    divmod(e, C, pos, c);   // pos = (n H + h) W + w
+    divmod(pos, W, nh, w);  // nh = n H + h
+    divmod(nh, H, n, h);
+    const int64_t base = n * H * W * C + c;  // (n, 0, 0, c)
     auto at_hw = [&](int64_t i, int64_t j) { return base + (i * W + j) * C; };
     // sum of v(i, j) over rows [h - a, h + b] and columns [w - a, w + b]
     auto window2 = [&](int64_t a, int64_t b, auto v) {
