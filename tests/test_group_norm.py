@@ -157,6 +157,15 @@ def test_channels_last_many_chunks(device, dtype, act):
     _check(device, dtype, (2, 72, 45, 41), 8, "both", act, "channels_last")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_chunks_than_the_cuda_cap(device, layout):
+    # One group of 4.2M elements and 132496 rows: over the CUDA launchers'
+    # 1024 chunks per group (statistics, contiguous) and per sample
+    # (channels_last reduction rows), so their chunks grow; the CPU path is
+    # the reference for the same shape.
+    _check(device, torch.float32, (1, 32, 364, 364), 1, "both", "silu", layout)
+
+
 @pytest.mark.parametrize("act", [None, "silu"], ids=str)
 def test_large_mean_channels_last_many_chunks(device, act):
     _check(device, torch.float32, (2, 72, 45, 41), 8, "both", act, "channels_last",
