@@ -290,17 +290,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   sp.geo = g;
   double full = 0, last = 0;  // elements in every chunk but the last, in the last
   if (!g.cl) {
-    sp.L = launch.stat_chunk;
-    if (launch.max_chunks > 0) sp.L = std::max(sp.L, (M + launch.max_chunks - 1) / launch.max_chunks);
+    sp.L = launch.chunk_len(launch.stat_chunk, M);
     sp.K = (M + sp.L - 1) / sp.L;
     full = static_cast<double>(sp.L);
     last = static_cast<double>(M - (sp.K - 1) * sp.L);
   } else {
     const int64_t width = launch.cl_per_group ? g.D : g.C;
-    sp.R = std::max<int64_t>(1, launch.stat_chunk_cl / width);
-    if (launch.max_chunks > 0) {
-      sp.R = std::max(sp.R, (g.S + launch.max_chunks - 1) / launch.max_chunks);
-    }
+    sp.R = launch.chunk_len(std::max<int64_t>(1, launch.stat_chunk_cl / width), g.S);
     sp.K = (g.S + sp.R - 1) / sp.R;
     full = static_cast<double>(sp.R * g.D);
     last = static_cast<double>((g.S - (sp.K - 1) * sp.R) * g.D);
@@ -402,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   rp.act = act;
   rp.R = std::max<int64_t>(1, launch.reduce_chunk / (g.cl ? g.C : 1));
   if (g.cl) rp.R = std::max(rp.R, launch.reduce_rows_cl);
-  if (launch.max_chunks > 0) rp.R = std::max(rp.R, (g.S + launch.max_chunks - 1) / launch.max_chunks);
+  rp.R = launch.chunk_len(rp.R, g.S);
   rp.K = (g.S + rp.R - 1) / rp.R;
   PointwiseParams pp;
   pp.x = x;

@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string_view>
 #include <tuple>
@@ -137,6 +138,11 @@ struct Launchers {
   // stat_chunk / reduce_chunk so that there are at most this many (0: no
   // limit): the algebra combines a group's chunks on one thread.
   int64_t max_chunks = 0;
+  // `want` elements (or rows) per chunk, grown to split `total` into at most
+  // max_chunks chunks.
+  int64_t chunk_len(int64_t want, int64_t total) const {
+    return max_chunks > 0 ? std::max(want, (total + max_chunks - 1) / max_chunks) : want;
+  }
   void (*fused_fwd)(const FusedParams&) = nullptr;  // optional
   void (*fused_bwd)(const FusedParams&) = nullptr;
   int64_t fused_bytes = 0;  // largest group (bytes of x, plus dy) to fuse
