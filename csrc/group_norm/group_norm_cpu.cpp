@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <utility>
 #include <type_traits>
@@ -260,6 +261,27 @@ void plane_apply(const T* x, const T* dy, T* out, int64_t n,
   });
 }
 
+// Software prefetch of the step kPrefetch elements ahead of p, one hint per
+// 64-byte line (past the end of the data it is a no-op: prefetches do not
+// fault). For the kGrad pass, which streams x and dy from memory with an
+// activation's exp per element: the hardware prefetchers alone left it
+// latency-bound. Measured on the 2-core EPYC, in-process A/B over 5 rounds,
+// SiLU backward float32 (fused kernel): 2x320x64x64 1.60 -> 1.31 ms,
+// 2x640x32x32 0.60 -> 0.52, 1x512x64x64 1.14 -> 0.93; bfloat16 2x320x64x64
+// 1.06 -> 1.00; 2048 elements ahead was no better. The same hints in the
+// channels_last row loops made them 0-13% slower: not used there.
+constexpr int64_t kPrefetch = 1024;
+
+template <typename T>
+TF_ALWAYS_INLINE void prefetch_step(const T* p) {
+  constexpr int64_t kBytes = VecIO<T>::kStep * static_cast<int64_t>(sizeof(T));
+  // Integer arithmetic: the address may lie past the end of the buffer.
+  const uintptr_t q = reinterpret_cast<uintptr_t>(p) + kPrefetch * sizeof(T);
+  for (int64_t b = 0; b < kBytes; b += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(q + static_cast<uintptr_t>(b)));
+  }
+}
+
 // The MODE's per-channel sums over one contiguous run of n elements of a
 // single channel, into q[0 .. num_sums(MODE)). kGrad with gout: also stores
 // each element's g = dy * act'(y) there (accumulate type).
@@ -273,6 +295,10 @@ void plane_sums(const T* x, const T* dy, int64_t n, const typename VecIO<T>::AVe
   for (int i = 0; i < NQ; ++i) acc0[i] = acc1[i] = V(0);
   for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
     V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+    if constexpr (MODE == Mode::kGrad) {
+      prefetch_step(x + j);
+      prefetch_step(dy + j);
+    }
     IO::load(x + j, c, x0, x1);
     if constexpr (MODE == Mode::kGrad) IO::load(dy + j, c, d0, d1);
     reduce_op<MODE, ACT>(x0, d0, p, q0);
