@@ -230,6 +230,11 @@ std::pair<at::Tensor, at::Tensor> staged_backward(
   }
   if (correct) reduce(Mode::kCorrect, step(AlgStep::kCorrectParams, 2), 1);
   v.corrected = correct;
+  const int64_t kept_bytes = rp.x.numel() * static_cast<int64_t>(sizeof(A));
+  if (rp.act == Act::kSilu && kept_bytes <= L.keep_grad_bytes) {
+    rp.kept = at::empty({rp.x.numel()}, opts);
+    pp.kept = rp.kept;
+  }
   reduce(Mode::kGrad, step(AlgStep::kGradParams, 5), 2);
   pp.params = step(AlgStep::kApplyParams, 6);
   L.pointwise(pp);
