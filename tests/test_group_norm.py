@@ -320,6 +320,24 @@ def test_saved_statistics(device):
     assert mean64.dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_silu_extremes_like_torch(device, dtype, layout):
+    # weight 0 makes y = bias exactly: SiLU at +-inf, past exp's range and in
+    # float32's denormals, as torch's silu gives it (-inf -> NaN, +inf -> inf).
+    bias = torch.tensor([float("inf"), float("-inf"), 100.0, -100.0, -87.5, -30.0, 30.0,
+                         0.5], device=device)
+    x = randn(2, 8, 5, 3, device=device).to(dtype)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    w = torch.zeros(8, device=device)
+    out = F.group_norm(x, 4, w, bias, 1e-5, "silu")
+    y = bias.to(dtype).float().view(1, 8, 1, 1).expand(2, 8, 5, 3)
+    expected = TF.silu(y).to(dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0, equal_nan=True)
+
+
+
 def test_eps(device):
     x = randn(2, 8, 4, 4, device=device, scale=0.01)
     for eps in (10.0, 0.0):

@@ -116,6 +116,40 @@ inline void for_each_step(int64_t n, const F& f) {
   if (j < n) f(j, n - j);
 }
 
+// exp(x), always inline (GCC 12 outlines ATen's exp_u20 from large kernels,
+// a call per vector with the caller's registers spilled: in group_norm's
+// bfloat16 channels_last SiLU backward it took 17% of the time, in a
+// function of its own). float on AVX-512: x = (n + f) ln2, n an integer,
+// |f| <= 1/2 (f from a two-part log2(e), exact to float precision for |x|
+// up to 104), 2^f by a degree-5 polynomial fitted here for relative error
+// (2.7e-7 over [-88, 88] measured in float, where exp_u20 allows 20 ulp),
+// 2^n applied by vscalefps, which saturates to inf and 0 by itself. x is
+// clamped to [-104, 100] first (so -inf gives 0 and +inf gives inf rather
+// than NaN); NaN stays NaN. Other types and ISAs: ATen's exp_u20.
+template <typename V>
+TF_ALWAYS_INLINE V exp_inline(const V& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    // vminps / vmaxps return their second operand when either is NaN.
+    __m512 v = _mm512_min_ps(_mm512_set1_ps(100.f), x);
+    v = _mm512_max_ps(_mm512_set1_ps(-104.f), v);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // log2(e) = 1.44269502163f (exact in float) + 1.925963e-8
+    __m512 f = _mm512_fmsub_ps(v, _mm512_set1_ps(1.44269502163f), n);
+    f = _mm512_fmadd_ps(v, _mm512_set1_ps(1.925963033500011e-8f), f);
+    __m512 p = _mm512_set1_ps(1.327647129073739e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675540961325169e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    return V(_mm512_scalef_ps(p, n));
+  }
+#endif
+  return x.exp_u20();
+}
+
 // Horizontal sum of one vector.
 template <typename AVec>
 inline auto reduce_sum(const AVec& v) {
