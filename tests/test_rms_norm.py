@@ -181,6 +181,25 @@ def test_mixed_dtype_weight(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_float32_weight_at_16_byte_offset(device, dtype):
+    # A float32 weight 16 bytes (not 32) into its storage with half-precision
+    # activations: the CUDA kernels' vector width needs the weight aligned to
+    # 32 bytes, so every tensor falls back to scalar access (with the weight
+    # gradient's per-block fold); the CPU result is the same formula.
+    base = randn(512 + 4, device=device)
+    w = base[4:].detach().requires_grad_()
+    assert w.storage_offset() == 4
+    x = randn(300, 512, dtype=dtype, device=device, requires_grad=True)
+    go = randn(300, 512, dtype=dtype, device=device)
+    ours = _run_rms(F.rms_norm, x, (512,), w, 1e-6, go)
+    ref = _run_rms(R.rms_norm, _leaf(x, torch.float64), (512,), _leaf(w, torch.float64),
+                   1e-6, go.double())
+    theirs = _run_rms(TF.rms_norm, _leaf(x), (512,), _leaf(w), 1e-6, go)
+    _compare(ours, ref, theirs, dtype, NAMES_RMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_statistics_in_float32(device, dtype):
     # x**2 overflows float16 (max 65504) at |x| = 300; float32 statistics do not.
     x = randn(4, 256, dtype=dtype, device=device, scale=300.0)
