@@ -231,7 +231,9 @@ std::pair<at::Tensor, at::Tensor> staged_backward(
   if (correct) reduce(Mode::kCorrect, step(AlgStep::kCorrectParams, 2), 1);
   v.corrected = correct;
   const int64_t kept_bytes = rp.x.numel() * static_cast<int64_t>(sizeof(A));
-  if (rp.act == Act::kSilu && L.keep_grad_bytes > 0 && kept_bytes <= L.keep_grad_bytes) {
+  const bool reduced = rp.x.scalar_type() == at::kHalf || rp.x.scalar_type() == at::kBFloat16;
+  if (rp.act == Act::kSilu && reduced && L.keep_grad_bytes > 0 &&
+      kept_bytes <= L.keep_grad_bytes) {
     rp.kept = at::empty({rp.x.numel()}, opts);
     pp.kept = rp.kept;
   }

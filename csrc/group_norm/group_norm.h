@@ -85,7 +85,7 @@ void with_act(Act act, const F& f) {
 
 // Elementwise (kForward, kBackward): x, dy (kBackward) -> out, all in the
 // same layout.
-// kBackward with `kept` defined (launchers with keep_grad): g is read from
+// kBackward with `kept` defined (see keep_grad_bytes): g is read from
 // kept, as the kGrad pass stored it, instead of being recomputed from dy.
 struct PointwiseParams {
   at::Tensor x, dy, out, params, kept;
@@ -96,7 +96,7 @@ struct PointwiseParams {
 
 // Per-channel reductions (kCorrect, kGrad): partial (NQ, N, K, C) in the
 // accumulate type; chunk k covers spatial positions [k * R, min(S, (k+1) * R)).
-// kGrad with `kept` defined (launchers with keep_grad): also stores each
+// kGrad with `kept` defined (see keep_grad_bytes): also stores each
 // element's g = dy * act'(y) there (accumulate type, x's layout, flat).
 struct ReduceParams {
   at::Tensor x, dy, partial, params, kept;
@@ -147,11 +147,11 @@ struct Launchers {
   int64_t chunk_len(int64_t want, int64_t total) const {
     return max_chunks > 0 ? std::max(want, (total + max_chunks - 1) / max_chunks) : want;
   }
-  // SiLU backward through the streaming passes: when the scratch takes at
-  // most this many bytes (0: never), the kGrad pass stores g in it (float32
-  // or float64) for the kBackward pass, so that the sigmoid is evaluated once
-  // per element rather than twice. For the CPU, where that evaluation is
-  // what bounds the passes at cache-sized tensors; CUDA recomputes.
+  // SiLU backward of float16/bfloat16 input through the streaming passes:
+  // when the scratch takes at most this many bytes (0: never), the kGrad pass
+  // stores g in it (float32) for the kBackward pass, so that the conversions
+  // and the sigmoid are evaluated once per element rather than twice. For
+  // the CPU, where that evaluation bounds those passes; CUDA recomputes.
   int64_t keep_grad_bytes = 0;
   void (*fused_fwd)(const FusedParams&) = nullptr;  // optional
   void (*fused_bwd)(const FusedParams&) = nullptr;

@@ -281,8 +281,8 @@ TF_ALWAYS_INLINE void dx_kept_step(const T* x, const typename VecIO<T>::A* gk, T
 // 64-byte line (past the end of the data it is a no-op: prefetches do not
 // fault). For the kGrad pass, which streams x and dy from memory with an
 // activation's exp per element: the hardware prefetchers alone left it
-// latency-bound. Measured on the 2-core EPYC, in-process A/B over 5 rounds,
-// SiLU backward float32 (fused kernel): 2x320x64x64 1.60 -> 1.31 ms,
+// latency-bound. Measured on the 2-core EPYC, in process with a runtime
+// switch, 5 alternating rounds, SiLU backward float32 (fused kernel): 2x320x64x64 1.60 -> 1.31 ms,
 // 2x640x32x32 0.60 -> 0.52, 1x512x64x64 1.14 -> 0.93; bfloat16 2x320x64x64
 // 1.06 -> 1.00; 2048 elements ahead was no better. The same hints in the
 // channels_last row loops made them 0-13% slower: not used there.
@@ -672,14 +672,17 @@ void algebra_cpu(AlgStep s, const AlgView<A>& v) {
 // Groups of up to 512 KiB (x, plus dy in the backward) are processed whole by
 // one task each, so their second and third passes read from L2 (1 MiB here).
 //
-// keep_grad_bytes: the SiLU backward's g scratch, for the channels_last and
-// large-group passes. Measured on the 2-core EPYC, in-process A/B over 5
-// rounds, backward with / without it: channels_last bfloat16 2x1280x16x16
-// 0.84 / 1.16 ms, 2x640x32x32 1.66 / 2.22, 1x512x64x64 2.25 / 3.24;
-// float32 2x1280x16x16 0.55-0.58 / 0.62-0.70, 2x640x32x32 and 8x256x56x56
-// the same within the noise. Capped at 32 MiB, the largest block glibc
-// reuses from its heap: above it every call would map the scratch afresh,
-// and the page faults made 1x128x512x512 float32 74 ms against 29 without.
+// keep_grad_bytes: the SiLU backward's g scratch (half/bfloat16 input), for
+// the channels_last and large-group passes. Measured on the 2-core EPYC,
+// backward with / without it, builds alternated process by process (after
+// exp_inline): bfloat16 channels_last 2x1280x16x16 0.30-0.41 / 0.45-0.57 ms,
+// 1x512x64x64 0.92-1.11 / 1.31-1.93, contiguous 2x4x300x300 (groups past the
+// fused size) 0.23-0.27 / 0.37-0.38. For float32 it came out either way
+// by shape and run (2x640x32x32 and 8x256x56x56 channels_last mostly
+// slower with it): float32 and float64 recompute. Capped at 32 MiB, the
+// largest block glibc reuses from its heap: above it every call would map
+// the scratch afresh, and the page faults made 1x128x512x512 float32 74 ms
+// against 29 without.
 const Launchers kCpu{
     .stats = stats_cpu,
     .pointwise = pointwise_cpu,
