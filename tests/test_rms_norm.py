@@ -167,6 +167,7 @@ def test_zero_size(device, shape, ns):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 def test_mixed_dtype_weight(device, dtype):
     # Under autocast the weight often stays float32 while activations are not.
     x = randn(8, 96, dtype=dtype, device=device, requires_grad=True)
