@@ -36,16 +36,16 @@ void check_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& in
   check_same_shape(grad_out, input, op, "grad_out");
 }
 
-// Runs the launcher on contiguous copies and returns the result in the
-// memory format torch would give; channels_last(_3d) input of an op that
-// allows it (native_cl) is run as it is, with no copies.
-at::Tensor run(Params& p, const at::Tensor& input, bool backward, Launcher launch,
-               bool native_cl = false) {
+// Runs the launcher and returns the result in the memory format torch would
+// give: channels_last(_3d) input as it is, with no copies (spatial windows
+// wider than kClSpatialMaxWindow excepted), anything else on contiguous
+// copies.
+at::Tensor run(Params& p, const at::Tensor& input, bool backward, Launcher launch) {
   const at::MemoryFormat fmt = out_format(input);
   if (input.numel() == 0) {
     return at::empty(input.sizes(), input.options().memory_format(fmt));
   }
-  if (native_cl && fmt != at::MemoryFormat::Contiguous &&
+  if (fmt != at::MemoryFormat::Contiguous &&
       (!p.cols || p.lo + p.hi + 1 <= kClSpatialMaxWindow)) {
     at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
     p.x = input;  // contiguous in fmt (out_format checked it)
@@ -110,39 +110,37 @@ void check_srn(const char* op, const at::Tensor& input, int64_t size) {
 }  // namespace
 
 at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha, double beta,
-                       double k, Launcher launch, bool native_cl) {
+                       double k, Launcher launch) {
   check_lrn("local_response_norm", input, size);
   Params p = lrn_params(input, size, alpha, beta, k);
-  return run(p, input, false, launch, native_cl);
+  return run(p, input, false, launch);
 }
 
 at::Tensor lrn_backward(const at::Tensor& grad_out, const at::Tensor& input, int64_t size,
-                        double alpha, double beta, double k, Launcher launch,
-                        bool native_cl) {
+                        double alpha, double beta, double k, Launcher launch) {
   const char* op = "local_response_norm_backward";
   check_lrn(op, input, size);
   check_grad(op, grad_out, input);
   Params p = lrn_params(input, size, alpha, beta, k);
   p.dy = grad_out;
-  return run(p, input, true, launch, native_cl);
+  return run(p, input, true, launch);
 }
 
 at::Tensor srn_forward(const at::Tensor& input, int64_t size, double alpha, double beta,
-                       double k, Launcher launch, bool native_cl) {
+                       double k, Launcher launch) {
   check_srn("spatial_response_norm", input, size);
   Params p = srn_params(input, size, alpha, beta, k);
-  return run(p, input, false, launch, native_cl);
+  return run(p, input, false, launch);
 }
 
 at::Tensor srn_backward(const at::Tensor& grad_out, const at::Tensor& input, int64_t size,
-                        double alpha, double beta, double k, Launcher launch,
-                        bool native_cl) {
+                        double alpha, double beta, double k, Launcher launch) {
   const char* op = "spatial_response_norm_backward";
   check_srn(op, input, size);
   check_grad(op, grad_out, input);
   Params p = srn_params(input, size, alpha, beta, k);
   p.dy = grad_out;
-  return run(p, input, true, launch, native_cl);
+  return run(p, input, true, launch);
 }
 
 }  // namespace torchfuse::lrn

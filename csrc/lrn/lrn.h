@@ -12,7 +12,7 @@
 //   [h - (size-1)/2, h + size/2], alpha_n = alpha / size^2.
 // The backward window is the forward one reflected (lo and hi swapped).
 //
-// channels_last input (launchers that take it): x, dy and out stay in the
+// channels_last input: x, dy and out stay in the
 // input's memory format. local_response_norm: (B, W, R) in memory, the window
 // runs along the contiguous R (channels) of each of the B * W positions.
 // spatial_response_norm (windows up to kClSpatialMaxWindow): (N, R, W, C) in
@@ -39,38 +39,36 @@ using Launcher = void (*)(const Params&);
 // windows directly); wider ones run on contiguous copies.
 constexpr int64_t kClSpatialMaxWindow = 16;
 
-// native_cl: the launcher takes channels_last local_response_norm as it is
-// (else such input is run on contiguous copies).
 at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha,
-                       double beta, double k, Launcher launch, bool native_cl = false);
+                       double beta, double k, Launcher launch);
 at::Tensor lrn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         int64_t size, double alpha, double beta, double k,
-                        Launcher launch, bool native_cl = false);
+                        Launcher launch);
 at::Tensor srn_forward(const at::Tensor& input, int64_t size, double alpha,
-                       double beta, double k, Launcher launch, bool native_cl = false);
+                       double beta, double k, Launcher launch);
 at::Tensor srn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         int64_t size, double alpha, double beta, double k,
-                        Launcher launch, bool native_cl = false);
+                        Launcher launch);
 
-template <Launcher fwd, bool native_cl = false>
+template <Launcher fwd>
 at::Tensor lrn_op(const at::Tensor& input, int64_t size, double alpha,
                   double beta, double k) {
-  return lrn_forward(input, size, alpha, beta, k, fwd, native_cl);
+  return lrn_forward(input, size, alpha, beta, k, fwd);
 }
-template <Launcher bwd, bool native_cl = false>
+template <Launcher bwd>
 at::Tensor lrn_backward_op(const at::Tensor& grad_out, const at::Tensor& input,
                            int64_t size, double alpha, double beta, double k) {
-  return lrn_backward(grad_out, input, size, alpha, beta, k, bwd, native_cl);
+  return lrn_backward(grad_out, input, size, alpha, beta, k, bwd);
 }
-template <Launcher fwd, bool native_cl = false>
+template <Launcher fwd>
 at::Tensor srn_op(const at::Tensor& input, int64_t size, double alpha,
                   double beta, double k) {
-  return srn_forward(input, size, alpha, beta, k, fwd, native_cl);
+  return srn_forward(input, size, alpha, beta, k, fwd);
 }
-template <Launcher bwd, bool native_cl = false>
+template <Launcher bwd>
 at::Tensor srn_backward_op(const at::Tensor& grad_out, const at::Tensor& input,
                            int64_t size, double alpha, double beta, double k) {
-  return srn_backward(grad_out, input, size, alpha, beta, k, bwd, native_cl);
+  return srn_backward(grad_out, input, size, alpha, beta, k, bwd);
 }
 
 }  // namespace torchfuse::lrn

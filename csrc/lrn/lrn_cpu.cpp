@@ -568,10 +568,10 @@ void bwd_cpu(const Params& p) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfuse, CPU, m) {
-  m.impl("local_response_norm", &lrn_op<fwd_cpu, true>);
-  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cpu, true>);
-  m.impl("spatial_response_norm", &srn_op<fwd_cpu, true>);
-  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cpu, true>);
+  m.impl("local_response_norm", &lrn_op<fwd_cpu>);
+  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cpu>);
+  m.impl("spatial_response_norm", &srn_op<fwd_cpu>);
+  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cpu>);
 }
 
 }  // namespace torchfuse::lrn

@@ -51,6 +51,13 @@ __device__ __forceinline__ A inv_pow(A s, A beta) {
   return ::pow(s, -beta);
 }
 
+// s = k + alpha_n * max(S, 0) from a window sum S; NaN stays NaN (as the
+// CPU's vec::maximum).
+template <typename A>
+__device__ __forceinline__ A scale_of(A S, A alpha_n, A k) {
+  return k + alpha_n * (S < A(0) ? A(0) : S);
+}
+
 // Calls put(i, sum of get(j), j in [i - lo, i + hi] within [0, n)) for i in
 // [i0, i1), with a running sum re-anchored every `period` steps.
 template <typename A, typename Get, typename Put>
@@ -119,7 +126,7 @@ __global__ void fwd_kernel(const T* __restrict__ x, const at::opmath_type<T>* __
       [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
       [&](int64_t i, A S) {
         const int64_t off = base + i * g.W;
-        const A s = k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
+        const A s = scale_of(S, alpha_n, k);
         out[off] = static_cast<T>(static_cast<A>(x[off]) * inv_pow(s, beta));
       });
 }
@@ -140,7 +147,7 @@ __global__ void bwd_t_kernel(const T* __restrict__ x, const T* __restrict__ dy,
       [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
       [&](int64_t i, A S) {
         const int64_t off = base + i * g.W;
-        const A s = k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
+        const A s = scale_of(S, alpha_n, k);
         t[off] = static_cast<A>(dy[off]) * static_cast<A>(x[off]) * inv_pow(s, beta) / s;
       });
 }
@@ -181,7 +188,7 @@ __global__ void bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
       }
     }
     const int64_t off = base + i * g.W;
-    const A s = k + alpha_n * (accS < A(0) ? A(0) : accS);  // NaN stays NaN
+    const A s = scale_of(accS, alpha_n, k);
     const A xv = static_cast<A>(x[off]);
     dx[off] = static_cast<T>(static_cast<A>(dy[off]) * inv_pow(s, beta) - coef * xv * accU);
   }
@@ -231,7 +238,7 @@ __device__ __forceinline__ at::opmath_type<T> cl_scale(const T* x, int64_t base,
     const A v = static_cast<A>(x[base + j]);
     return v * v;
   });
-  return k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
+  return scale_of(S, alpha_n, k);
 }
 
 // MODE 0: out = x * s^-beta; 1: out (float32 t) = dy * x * s^-beta / s;
@@ -297,7 +304,7 @@ __global__ void cls_kernel(const T* __restrict__ x, const T* __restrict__ dy,
       const A v = static_cast<A>(x[o]);
       return v * v;
     });
-    const A s = k + alpha_n * (S < A(0) ? A(0) : S);  // NaN stays NaN (CPU: vec::maximum)
+    const A s = scale_of(S, alpha_n, k);
     cl_store<T, MODE>(e, s, x, dy, out, beta, coef,
                       [&] { return window2(hi, lo, [&](int64_t o) { return t[o]; }); });
   }
@@ -438,10 +445,10 @@ void bwd_cuda(const Params& p) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {
-  m.impl("local_response_norm", &lrn_op<fwd_cuda, true>);
-  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cuda, true>);
-  m.impl("spatial_response_norm", &srn_op<fwd_cuda, true>);
-  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cuda, true>);
+  m.impl("local_response_norm", &lrn_op<fwd_cuda>);
+  m.impl("local_response_norm_backward", &lrn_backward_op<bwd_cuda>);
+  m.impl("spatial_response_norm", &srn_op<fwd_cuda>);
+  m.impl("spatial_response_norm_backward", &srn_backward_op<bwd_cuda>);
 }
 
 }  // namespace torchfuse::lrn
