@@ -277,15 +277,27 @@ TF_ALWAYS_INLINE void dx_kept_step(const T* x, const typename VecIO<T>::A* gk, T
   IO::store(dx, dx_of(g0, x0 - p0[0], p0), dx_of(g1, x1 - p1[0], p1), c);
 }
 
+// The same over n contiguous elements of one channel (coefficients p
+// broadcast), as plane_apply. A plain loop, as LRN's square_row.
+template <typename T>
+TF_ALWAYS_INLINE void dx_kept_run(const T* x, const typename VecIO<T>::A* gk, T* dx, int64_t n,
+                                  const typename VecIO<T>::AVec* p) {
+  constexpr int64_t kS = VecIO<T>::kStep;
+  for (int64_t j = 0; j < n; j += kS) {
+    dx_kept_step(x + j, gk + j, dx + j, std::min(kS, n - j), p, p);
+  }
+}
+
 // Software prefetch of the step kPrefetch elements ahead of p, one hint per
 // 64-byte line (past the end of the data it is a no-op: prefetches do not
 // fault). For the kGrad pass, which streams x and dy from memory with an
 // activation's exp per element: the hardware prefetchers alone left it
 // latency-bound. Measured on the 2-core EPYC, in process with a runtime
-// switch, 5 alternating rounds, SiLU backward float32 (fused kernel): 2x320x64x64 1.60 -> 1.31 ms,
-// 2x640x32x32 0.60 -> 0.52, 1x512x64x64 1.14 -> 0.93; bfloat16 2x320x64x64
-// 1.06 -> 1.00; 2048 elements ahead was no better. The same hints in the
-// channels_last row loops made them 0-13% slower: not used there.
+// switch, 5 alternating rounds, SiLU backward float32 (fused kernel):
+// 2x320x64x64 1.60 -> 1.31 ms, 2x640x32x32 0.60 -> 0.52, 1x512x64x64
+// 1.14 -> 0.93; bfloat16 2x320x64x64 1.06 -> 1.00; 2048 elements ahead was no
+// better. The same hints in the channels_last row loops made them 0-13%
+// slower: not used there.
 constexpr int64_t kPrefetch = 1024;
 
 template <typename T>
@@ -369,9 +381,7 @@ void pointwise_kernel(const PointwiseParams& pp) {
         for (int i = 0; i < NP; ++i) p[i] = V(prm[i * NC + plane]);
         const int64_t base = plane * S + j0;
         if constexpr (KEPT) {
-          for (int64_t j = base; j < base + (j1 - j0); j += kS) {
-            dx_kept_step(x + j, gk + j, out + j, std::min(kS, base + (j1 - j0) - j), p, p);
-          }
+          dx_kept_run(x + base, gk + base, out + base, j1 - j0, p);
         } else {
           plane_apply<T, MODE, ACT>(x + base, dy == nullptr ? nullptr : dy + base, out + base,
                                     j1 - j0, p);
@@ -594,11 +604,7 @@ void fused_bwd_kernel(const FusedParams& fp) {
                         V(static_cast<A>(r * wc)), V(k2), V(k3)};
         const int64_t o = base + (c - c0) * S;
         if constexpr (kKeep) {
-          // kBackward with g as kept.
-          const A* gk = kept.data() + (c - c0) * S;
-          for (int64_t j = 0; j < S; j += IO::kStep) {
-            dx_kept_step(x + o + j, gk + j, dx + o + j, std::min(IO::kStep, S - j), p, p);
-          }
+          dx_kept_run(x + o, kept.data() + (c - c0) * S, dx + o, S, p);  // g as kept
         } else {
           plane_apply<T, Mode::kBackward, ACT>(x + o, dy + o, dx + o, S, p);
         }
