@@ -337,7 +337,6 @@ def test_silu_extremes_like_torch(device, dtype, layout):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0, equal_nan=True)
 
 
-
 def test_eps(device):
     x = randn(2, 8, 4, 4, device=device, scale=0.01)
     for eps in (10.0, 0.0):

@@ -58,6 +58,12 @@ def _lowp_torch(fn, x, go, args):
         return out.to(x.dtype), g.to(x.dtype)
 
 
+def _srn_torch_like(x, *args):
+    # no torch op for spatial_response_norm to compare against in low
+    # precision: the reference in float32, rounded to dtype, stands in for it.
+    return R.spatial_response_norm(x.float(), *args).to(x.dtype)
+
+
 def _check(op, ref, torch_fn, shape, size, dtype, device, alpha, beta, k,
            memory_format=torch.contiguous_format):
     x = randn(*shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
@@ -128,22 +134,14 @@ SRN_CL_CASES = [
 @pytest.mark.parametrize("shape,size", SRN_CL_CASES, ids=[f"{s}-{n}" for s, n in SRN_CL_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_srn_channels_last_matches_reference(device, dtype, shape, size):
-    def torch_like(x, *args):
-        return R.spatial_response_norm(x.float(), *args).to(x.dtype)
-
-    _check(F.spatial_response_norm, R.spatial_response_norm, torch_like,
+    _check(F.spatial_response_norm, R.spatial_response_norm, _srn_torch_like,
            shape, size, dtype, device, *PARAMS, memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("shape,size", SRN_CASES, ids=[f"{s}-{n}" for s, n in SRN_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_srn_matches_reference(device, dtype, shape, size):
-    # no torch op to compare against in low precision: the reference in
-    # float32, rounded to dtype, stands in for it.
-    def torch_like(x, *args):
-        return R.spatial_response_norm(x.float(), *args).to(x.dtype)
-
-    _check(F.spatial_response_norm, R.spatial_response_norm, torch_like,
+    _check(F.spatial_response_norm, R.spatial_response_norm, _srn_torch_like,
            shape, size, dtype, device, *PARAMS)
 
 
