@@ -240,34 +240,25 @@ def _eager_srn(x):
 
 def lrn_cases() -> list[Case]:
     cases = []
-    for op, tf, eager in (("local_response_norm", _tf_lrn, _eager_lrn),
-                          ("spatial_response_norm", _tf_srn, _eager_srn)):
-        for dtype in (torch.float32, torch.bfloat16):
-            for N in LRN_BATCHES:
-                for label, C, HW in LRN_SHAPES:
-                    nbytes = N * C * HW * HW * _size(dtype)
-                    cases.append(Case(
-                        op=op, name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
-                        make_inputs=_lrn_inputs(N, C, HW), torchfuse=tf, eager=eager,
-                        grad_inputs=("x",),
-                        bytes_fwd=2 * nbytes,  # read x, write out
-                        bytes_bwd=3 * nbytes,  # read dy, x; write dx
-                    ))
-    # channels_last input (what a channels_last CNN hands the layer), where
-    # torch's composite runs on channels_last tensors too
-    for op, tf, eager in (("local_response_norm", _tf_lrn, _eager_lrn),
-                          ("spatial_response_norm", _tf_srn, _eager_srn)):
-        for dtype in (torch.float32, torch.bfloat16):
-            for N in LRN_BATCHES[:2]:
-                for label, C, HW in (LRN_SHAPES[0], LRN_SHAPES[3]):
-                    nbytes = N * C * HW * HW * _size(dtype)
-                    cases.append(Case(
-                        op=op, name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
-                        make_inputs=_lrn_inputs(N, C, HW, cl=True), torchfuse=tf,
-                        eager=eager, grad_inputs=("x",),
-                        bytes_fwd=2 * nbytes, bytes_bwd=3 * nbytes,
-                        tags={"layout": "channels_last"},
-                    ))
+    # Contiguous input at every shape and batch; then channels_last input (what
+    # a channels_last CNN hands the layer, where torch's composite runs on
+    # channels_last tensors too) at AlexNet conv1 and GoogLeNet conv2, N = 1, 32.
+    for cl, batches, shapes in ((False, LRN_BATCHES, LRN_SHAPES),
+                                (True, LRN_BATCHES[:2], (LRN_SHAPES[0], LRN_SHAPES[3]))):
+        for op, tf, eager in (("local_response_norm", _tf_lrn, _eager_lrn),
+                              ("spatial_response_norm", _tf_srn, _eager_srn)):
+            for dtype in (torch.float32, torch.bfloat16):
+                for N in batches:
+                    for label, C, HW in shapes:
+                        nbytes = N * C * HW * HW * _size(dtype)
+                        cases.append(Case(
+                            op=op, name=f"{label} {N}x{C}x{HW}x{HW}", dtype=dtype,
+                            make_inputs=_lrn_inputs(N, C, HW, cl), torchfuse=tf, eager=eager,
+                            grad_inputs=("x",),
+                            bytes_fwd=2 * nbytes,  # read x, write out
+                            bytes_bwd=3 * nbytes,  # read dy, x; write dx
+                            tags={"layout": "channels_last"} if cl else {},
+                        ))
     return cases
 
 
