@@ -21,7 +21,7 @@ endif
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all build test test-cuda bench cpp-test info clean distclean
+.PHONY: all build test test-cuda test-emu bench cpp-test info clean distclean
 
 all: build
 
@@ -39,6 +39,13 @@ test: build
 
 test-cuda: build
 	$(PY) -m pytest tests -m cuda $(PYTEST_ARGS)
+
+# The suite again with the CPU kernels replaced by the CUDA kernels, run on
+# the CPU by the emulator of tools/cuda_emu (their indexing, arithmetic and
+# barriers, not their speed). CUEMU_ORDER=reverse or shuffle<N> changes the
+# order a block's threads run in (forward by default).
+test-emu: build
+	TORCHFUSE_CUDA_EMU=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -11,10 +11,29 @@ where scale = max |expected64| (at least 1e-3).
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# TORCHFUSE_CUDA_EMU=1: the CPU kernels are replaced by the CUDA kernels run
+# in the CPU emulator of tools/cuda_emu, so every "cpu" test below tests the
+# CUDA kernels' arithmetic, indexing and synchronisation (not their speed).
+CUDA_EMU = os.environ.get("TORCHFUSE_CUDA_EMU") == "1"
+if CUDA_EMU:
+    import warnings
+
+    import torchfuse  # noqa: F401  (its library defines the schemas first)
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "cuda_emu"))
+    import build as _cuda_emu_build
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        torch.ops.load_library(_cuda_emu_build.build())
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),

@@ -19,11 +19,17 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+#ifdef TORCHFUSE_CUDA_EMU  // tools/cuda_emu: a misaligned vector access faults on a GPU
+  ::cuemu::check_aligned(p, sizeof(Vec<T, N>));
+#endif
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+#ifdef TORCHFUSE_CUDA_EMU
+  ::cuemu::check_aligned(p, sizeof(Vec<T, N>));
+#endif
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
