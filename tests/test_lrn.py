@@ -258,6 +258,34 @@ def test_non_finite_input_stays_in_its_window(device, bad, layout):
         assert (~ours.isfinite()).sum() <= n_bad
 
 
+@pytest.mark.parametrize("size", [3, 5, 35], ids=str)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_square_leaving_the_window(device, dtype, layout, size):
+    """One large value among ones: its square swamps the small ones beside it
+    in a float window sum, and a running sum that subtracts it again when it
+    leaves the window is left near zero (output 1 where 4^-0.75 is right, with
+    size 3 and alpha 3). Each window must be summed as torch's pooling sums
+    it: along the channels (local_response_norm) and along rows and columns
+    (spatial_response_norm), forward and backward, windows summed directly and
+    past the direct-sum limit (35)."""
+    x = torch.ones(2, 48, 40, 3, dtype=torch.float64)
+    x[0, 0], x[1, :, 0], x[1, :, :, 1] = 1e4, 1e4, 1e4  # channel 0, row 0, column 1
+    g = randn(2, 48, 40, 3, dtype=torch.float64)
+    xd = x.to(device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    gd = g.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+    x64 = x.to(device).requires_grad_()
+    args = (size, 3.0 * size, 0.75, 1.0)  # alpha_n = 3 (LRN)
+    for ours_fn, ref_fn in ((F.local_response_norm, R.local_response_norm),
+                            (F.spatial_response_norm, R.spatial_response_norm)):
+        ours = ours_fn(xd, *args)
+        (go,) = torch.autograd.grad(ours, xd, gd)
+        ref = ref_fn(x64, *args)
+        (gr,) = torch.autograd.grad(ref, x64, g.to(device))
+        assert_close_to_ref(ours, ref, dtype, ref.to(dtype), "out")
+        assert_close_to_ref(go, gr, dtype, gr.to(dtype), "grad_input")
+
+
 def test_gradcheck(device):
     x = randn(2, 5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
     x3 = randn(2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)

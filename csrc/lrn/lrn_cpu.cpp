@@ -3,12 +3,12 @@
 //
 // Work is split into tasks of one plane b and a tile of columns (the whole
 // row for the spatial op, whose window also runs along columns). A tile's
-// squares sit in a small scratch buffer (L1/L2) and the window sums over rows
-// are running sums, so the cost does not grow with `size`; every
-// max(16, size) rows the sum is re-anchored (summed afresh) so that rounding
-// drift of the running add/subtract stays bounded, and wherever the running
-// sum is not finite (an inf or NaN input stays in it after leaving the
-// window). Spatial column windows are summed directly from a zero-padded copy
+// squares sit in a small scratch buffer (L1/L2) and each window sum over rows
+// is taken afresh from it (size vector loads; a float64 running sum past
+// kDirectWindow, see window_rows), so that a large square leaving the window
+// takes no small ones with it, as torch's pooling sums each window (float
+// running sums, as before, could leave such a sum near zero for up to 16
+// rows). Spatial column windows are summed directly from a zero-padded copy
 // of the row, size shifted vector loads (float64 prefix sums for windows
 // wider than kDirectWindow). The backward
 // recomputes S from x (only x is saved), stores s^-beta and dy*y/s for the
@@ -67,38 +67,62 @@ inline AVec inv_pow(const AVec& s, typename AVec::value_type beta) {
   return s.pow(AVec(-beta));
 }
 
-// Running window sum over the R rows of q (m columns, row stride ld): calls
-// f(r, acc) with acc[j] = sum of q[i][j], i in [r - lo, r + hi] within [0, R).
+// Windows up to this size are summed directly (channels_last rows, and the
+// window sums over rows of the contiguous kernels).
+constexpr int64_t kDirectWindow = 32;
+
+// acc[j] = sum of q[i * ld + j], i in [0, rows), j in [0, m). Out of line: a
+// call per row, and the callers' per-row callbacks keep their registers
+// (inlined, the backward ran 5-20% slower).
+template <typename A>
+__attribute__((noinline)) void sum_rows(const A* q, int64_t ld, int64_t rows, int64_t m,
+                                        A* acc) {
+  using AVec = at::vec::Vectorized<A>;
+  for_each_step<AVec::size()>(m, [&](int64_t j, int64_t c) {
+    AVec a = AVec::loadu(q + j, c);
+    for (int64_t i = 1; i < rows; ++i) a = a + AVec::loadu(q + i * ld + j, c);
+    a.store(acc + j, c);
+  });
+}
+
+// Window sums over the R rows of q (m columns, row stride ld): calls f(r, acc)
+// with acc[j] = sum of q[i][j], i in [r - lo, r + hi] within [0, R). Windows
+// up to kDirectWindow rows are summed afresh for every row (lo + hi + 1 vector
+// loads from the tile in cache), as torch's pooling sums each window: a
+// running add/subtract in float loses the small squares added beside a large
+// one, and when the large one leaves the window the sum is left near zero
+// (x = 1e4 then ones, size 3, alpha 3: y = 1 where 4^-0.75 is right). Wider
+// windows keep a float64 running sum (acc64, m values), exact but for
+// 2^-53 of the largest square in it, taken afresh where it is not finite (an
+// inf or NaN stays in a running sum after leaving the window).
 template <typename A, typename F>
 void window_rows(const A* q, int64_t R, int64_t ld, int64_t m, int64_t lo, int64_t hi,
-                 A* acc, const F& f) {
+                 A* acc, double* acc64, const F& f) {
   using AVec = at::vec::Vectorized<A>;
   constexpr int64_t K = AVec::size();
-  const int64_t period = std::max<int64_t>(16, lo + hi + 1);
-  constexpr int kFinite = (1 << K) - 1;  // zero_mask of (a - a) when every lane is finite
+  if (lo + hi + 1 <= kDirectWindow) {
+    for (int64_t r = 0; r < R; ++r) {
+      sum_rows(q + std::max<int64_t>(0, r - lo) * ld, ld,
+               std::min(R - 1, r + hi) - std::max<int64_t>(0, r - lo) + 1, m, acc);
+      f(r, static_cast<const A*>(acc));
+    }
+    return;
+  }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i0 = std::max<int64_t>(0, r - lo), i1 = std::min(R - 1, r + hi);
-    auto direct = [&](int64_t j, int64_t c) {
-      AVec a(A(0));
-      for (int64_t i = i0; i <= i1; ++i) a = a + AVec::loadu(q + i * ld + j, c);
-      return a;
-    };
-    if (r % period == 0) {
-      for_each_step<K>(m, [&](int64_t j, int64_t c) { direct(j, c).store(acc + j, c); });
-    } else {
-      const bool add = r + hi < R, sub = r - lo - 1 >= 0;
-      const A* qa = q + (r + hi) * ld;
-      const A* qs = q + (r - lo - 1) * ld;
-      for_each_step<K>(m, [&](int64_t j, int64_t c) {
-        AVec a = AVec::loadu(acc + j, c);
-        if (add) a = a + AVec::loadu(qa + j, c);
-        if (sub) a = a - AVec::loadu(qs + j, c);
-        // An inf or NaN that entered the running sum would stay after it
-        // leaves the window (inf - inf): such sums are taken afresh, so a
-        // non-finite input spreads over its own window only, as in torch.
-        if ((a - a).zero_mask() != kFinite) a = direct(j, c);
-        a.store(acc + j, c);
-      });
+    const bool add = r > 0 && r + hi < R, sub = r > 0 && r - lo - 1 >= 0;
+    for (int64_t j = 0; j < m; ++j) {
+      double a = acc64[j];
+      if (r > 0) {
+        if (add) a += static_cast<double>(q[(r + hi) * ld + j]);
+        if (sub) a -= static_cast<double>(q[(r - lo - 1) * ld + j]);
+      }
+      if (r == 0 || !std::isfinite(a)) {
+        a = 0;
+        for (int64_t i = i0; i <= i1; ++i) a += static_cast<double>(q[i * ld + j]);
+      }
+      acc64[j] = a;
+      acc[j] = static_cast<A>(a);
     }
     f(r, static_cast<const A*>(acc));
   }
@@ -134,9 +158,6 @@ constexpr int64_t kTasksPerThread = 16;
 // channels_last spatial tasks: output rows and channels per task.
 constexpr int64_t kClRows = 8;
 constexpr int64_t kClChans = 64;
-
-// Windows up to this size are summed directly (channels_last rows).
-constexpr int64_t kDirectWindow = 32;
 
 // dst[c] = sum of v[c - lo .. c + hi] over a row of C values, v given as vp,
 // a copy padded with lo zeros before and hi (plus a vector of slack) after.
@@ -255,7 +276,7 @@ struct Kernel {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.R * n));
     at::parallel_for(0, tasks, grain, [&](int64_t tb, int64_t te) {
       std::vector<A> scratch((rows * p.R + 2) * n + p.lo + p.hi + 2 * S);
-      std::vector<double> prefix(p.cols ? n + 1 : 0);
+      std::vector<double> prefix(n + 1);  // spatial prefix sums, or acc64 of window_rows
       for (int64_t t = tb; t < te; ++t) {
         const int64_t b = t / tiles, w0 = (t % tiles) * n;
         f(b, w0, std::min(n, p.W - w0), scratch.data(), prefix.data());
@@ -274,7 +295,7 @@ struct Kernel {
       A* acc = scratch + p.R * n;        // n
       A* tmp = acc + n;                  // n
       squares(xb - w0, w0, m, q, tmp, prefix);
-      window_rows(q, p.R, n, m, p.lo, p.hi, acc, [&](int64_t r, const A* s) {
+      window_rows(q, p.R, n, m, p.lo, p.hi, acc, prefix, [&](int64_t r, const A* s) {
         cf.y_row(xb + r * p.W, s, ob + r * p.W, m);
       });
     });
@@ -498,7 +519,7 @@ struct Kernel {
       A* acc = tb + p.R * n;       // n
       A* tmp = acc + n;            // n
       squares(x + off - w0, w0, m, q, tmp, prefix);
-      window_rows(q, p.R, n, m, p.lo, p.hi, acc, [&](int64_t r, const A* s) {
+      window_rows(q, p.R, n, m, p.lo, p.hi, acc, prefix, [&](int64_t r, const A* s) {
         const T* xr = x + off + r * p.W;
         const T* dr = dy + off + r * p.W;
         for_each_step<S>(m, [&](int64_t j, int64_t c) {
@@ -522,7 +543,7 @@ struct Kernel {
         src = q;
       }
       // reflected window: rows [r - hi, r + lo]
-      window_rows(src, p.R, n, m, p.hi, p.lo, acc, [&](int64_t r, const A* u) {
+      window_rows(src, p.R, n, m, p.hi, p.lo, acc, prefix, [&](int64_t r, const A* u) {
         const T* xr = x + off + r * p.W;
         const T* dr = dy + off + r * p.W;
         T* gr = dx + off + r * p.W;

@@ -2,10 +2,10 @@
 // and formulas: lrn.cpp / lrn.h.
 //
 // x is viewed as (B, R, W). A thread owns one column w of one plane b and a
-// chunk of consecutive rows, and walks them with a running window sum
-// (re-anchored, i.e. summed afresh, at the chunk start and every
-// max(16, size) rows to bound rounding drift, and wherever it is not finite:
-// an inf or NaN input would otherwise stay in it); threads of a warp own
+// chunk of consecutive rows, and walks them taking each window sum afresh
+// (size loads, served by L1; a float64 running sum for windows wider than
+// kDirectWindow, re-anchored where it is not finite: see WindowSum); threads
+// of a warp own
 // consecutive columns, so every row access is coalesced. Rows are split into
 // chunks only as far as needed to give the GPU enough threads (batch 1).
 // The spatial op first sums x^2 (and, in the backward, dy*y/s) along columns
@@ -58,35 +58,56 @@ __device__ __forceinline__ A scale_of(A S, A alpha_n, A k) {
   return k + alpha_n * (S < A(0) ? A(0) : S);
 }
 
-// Calls put(i, sum of get(j), j in [i - lo, i + hi] within [0, n)) for i in
-// [i0, i1), with a running sum re-anchored every `period` steps.
+// Windows up to this size are summed directly (as on the CPU).
+constexpr int64_t kDirectWindow = 32;
+
+// The sums of get(j), j in [i - lo, i + hi] within [0, n), for i stepping by
+// one. Each window is summed afresh up to kDirectWindow terms, as torch's
+// pooling sums it: a running add/subtract in float loses the small squares
+// added beside a large one, and when the large one leaves the window the sum
+// is left near zero (x = 1e4 then ones, size 3, alpha 3: y = 1 where 4^-0.75
+// is right). Wider windows keep a float64 running sum, exact but for 2^-53 of
+// the largest term in it, taken afresh at the first step and wherever it is
+// not finite (an inf or NaN stays in a running sum after leaving the window).
+template <typename A>
+struct WindowSum {
+  int64_t n, lo, hi;
+  double acc = 0;
+
+  __device__ WindowSum(int64_t n_, int64_t lo_, int64_t hi_) : n(n_), lo(lo_), hi(hi_) {}
+
+  template <typename Get>
+  __device__ __forceinline__ A at(int64_t i, bool first, const Get& get) {
+    const int64_t j0 = i - lo > 0 ? i - lo : 0;
+    const int64_t j1 = i + hi < n - 1 ? i + hi : n - 1;
+    if (lo + hi + 1 <= kDirectWindow) {
+      A a = 0;
+      for (int64_t j = j0; j <= j1; ++j) a += get(j);
+      return a;
+    }
+    if (!first) {
+      if (i + hi < n) acc += static_cast<double>(get(i + hi));
+      if (i - lo - 1 >= 0) acc -= static_cast<double>(get(i - lo - 1));
+    }
+    if (first || !isfinite(acc)) {
+      acc = 0;
+      for (int64_t j = j0; j <= j1; ++j) acc += static_cast<double>(get(j));
+    }
+    return static_cast<A>(acc);
+  }
+};
+
+// Calls put(i, window sum at i) for i in [i0, i1).
 template <typename A, typename Get, typename Put>
 __device__ __forceinline__ void run_window(int64_t i0, int64_t i1, int64_t n, int64_t lo,
-                                           int64_t hi, int64_t period, const Get& get,
-                                           const Put& put) {
-  A acc = 0;
-  for (int64_t i = i0; i < i1; ++i) {
-    bool anchor = i == i0 || (i - i0) % period == 0;
-    if (!anchor) {
-      if (i + hi < n) acc += get(i + hi);
-      if (i - lo - 1 >= 0) acc -= get(i - lo - 1);
-      // an inf or NaN stays in a running sum after leaving the window
-      // (inf - inf): such sums are taken afresh, as on the CPU
-      anchor = !isfinite(acc);
-    }
-    if (anchor) {
-      acc = 0;
-      const int64_t j0 = i - lo > 0 ? i - lo : 0;
-      const int64_t j1 = i + hi < n - 1 ? i + hi : n - 1;
-      for (int64_t j = j0; j <= j1; ++j) acc += get(j);
-    }
-    put(i, acc);
-  }
+                                           int64_t hi, const Get& get, const Put& put) {
+  WindowSum<A> win(n, lo, hi);
+  for (int64_t i = i0; i < i1; ++i) put(i, win.at(i, i == i0, get));
 }
 
 struct Geo {
   int64_t B, R, W;
-  int64_t lo, hi, period;
+  int64_t lo, hi;
   int64_t chunk, nchunks;  // rows per thread, chunks per column
 };
 
@@ -122,7 +143,7 @@ __global__ void fwd_kernel(const T* __restrict__ x, const at::opmath_type<T>* __
   if (!locate(g, b, r0, r1, w)) return;
   const int64_t base = b * g.R * g.W + w;
   run_window<A>(
-      r0, r1, g.R, g.lo, g.hi, g.period,
+      r0, r1, g.R, g.lo, g.hi,
       [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
       [&](int64_t i, A S) {
         const int64_t off = base + i * g.W;
@@ -143,7 +164,7 @@ __global__ void bwd_t_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   if (!locate(g, b, r0, r1, w)) return;
   const int64_t base = b * g.R * g.W + w;
   run_window<A>(
-      r0, r1, g.R, g.lo, g.hi, g.period,
+      r0, r1, g.R, g.lo, g.hi,
       [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); },
       [&](int64_t i, A S) {
         const int64_t off = base + i * g.W;
@@ -164,29 +185,12 @@ __global__ void bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   int64_t b, r0, r1, w;
   if (!locate(g, b, r0, r1, w)) return;
   const int64_t base = b * g.R * g.W + w;
-  // The two window sums advance in lock-step, row by row.
-  A accS = 0, accU = 0;
+  // The two window sums advance in lock-step, row by row; U's is reflected.
+  WindowSum<A> winS(g.R, g.lo, g.hi), winU(g.R, g.hi, g.lo);
   for (int64_t i = r0; i < r1; ++i) {
-    bool anchor = i == r0 || (i - r0) % g.period == 0;
-    if (!anchor) {
-      if (i + g.hi < g.R) accS += sq_at<T, A>(x, q, base + (i + g.hi) * g.W);
-      if (i - g.lo - 1 >= 0) accS -= sq_at<T, A>(x, q, base + (i - g.lo - 1) * g.W);
-      if (i + g.lo < g.R) accU += u[base + (i + g.lo) * g.W];
-      if (i - g.hi - 1 >= 0) accU -= u[base + (i - g.hi - 1) * g.W];
-      anchor = !isfinite(accS) || !isfinite(accU);  // see run_window
-    }
-    if (anchor) {
-      accS = 0;
-      accU = 0;
-      for (int64_t j = (i - g.lo > 0 ? i - g.lo : 0); j <= (i + g.hi < g.R ? i + g.hi : g.R - 1);
-           ++j) {
-        accS += sq_at<T, A>(x, q, base + j * g.W);
-      }
-      for (int64_t j = (i - g.hi > 0 ? i - g.hi : 0); j <= (i + g.lo < g.R ? i + g.lo : g.R - 1);
-           ++j) {
-        accU += u[base + j * g.W];
-      }
-    }
+    const A accS =
+        winS.at(i, i == r0, [&](int64_t j) { return sq_at<T, A>(x, q, base + j * g.W); });
+    const A accU = winU.at(i, i == r0, [&](int64_t j) { return u[base + j * g.W]; });
     const int64_t off = base + i * g.W;
     const A s = scale_of(accS, alpha_n, k);
     const A xv = static_cast<A>(x[off]);
@@ -199,7 +203,7 @@ __global__ void bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
 template <typename T>
 __global__ void cols_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ src,
                             at::opmath_type<T>* __restrict__ dst, int64_t rows, int64_t W,
-                            int64_t lo, int64_t hi, int64_t period, int64_t chunk,
+                            int64_t lo, int64_t hi, int64_t chunk,
                             int64_t nchunks) {
   using A = at::opmath_type<T>;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -208,7 +212,7 @@ __global__ void cols_kernel(const T* __restrict__ x, const at::opmath_type<T>* _
   const int64_t w0 = c * chunk, w1 = w0 + chunk < W ? w0 + chunk : W;
   const int64_t base = row * W;
   run_window<A>(
-      w0, w1, W, lo, hi, period,
+      w0, w1, W, lo, hi,
       [&](int64_t j) {
         if (src != nullptr) return src[base + j];
         const A v = static_cast<A>(x[base + j]);
@@ -339,9 +343,9 @@ Geo make_geo(const Params& p, int64_t lo, int64_t hi) {
   g.W = p.W;
   g.lo = lo;
   g.hi = hi;
-  g.period = std::max<int64_t>(16, p.lo + p.hi + 1);
   // Split rows only as far as needed to fill the GPU; a chunk is at least as
-  // long as the window so re-anchoring costs at most one extra read per row.
+  // long as the window so that, past kDirectWindow, anchoring the running sum
+  // at its start costs at most one extra read per row.
   const int64_t want = static_cast<int64_t>(num_sms()) * 2048;
   const int64_t columns = std::max<int64_t>(1, p.B * p.W);
   const int64_t split = std::max<int64_t>(1, std::min<int64_t>(p.R, ceil_div(want, columns)));
@@ -363,7 +367,7 @@ void cols_launch(const Params& p, const T* x, const at::opmath_type<T>* src,
   const int64_t chunk = std::min<int64_t>(p.W, std::max<int64_t>(32, size));
   const int64_t nchunks = ceil_div(p.W, chunk);
   cols_kernel<T><<<blocks_for(rows * nchunks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x, src, dst, rows, p.W, lo, hi, std::max<int64_t>(16, size), chunk, nchunks);
+      x, src, dst, rows, p.W, lo, hi, chunk, nchunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
