@@ -266,6 +266,29 @@ def test_cosine_linear_matches_reference(device, dtype, xshape, out_f, bias):
     _compare(ours, ref, theirs, dtype, names)
 
 
+@pytest.mark.parametrize("scale,wscale", [(16.0, 16.0), (1e-4, 1e-4), (1.0, 256.0)],
+                         ids=["large", "tiny", "large-weight"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_linear_magnitudes(device, dtype, scale, wscale):
+    """Cosines are at most 1 whatever the magnitudes: raw dot products of
+    512 features of 16 (131072) overflow float16, of 1e-4 they are
+    subnormal, and dy / (|x| |w|) underflows with large weight rows; the
+    result must still match the reference as closely as torch's
+    normalize-then-linear does."""
+    x = randn(6, 512, dtype=dtype, device=device, scale=scale / 4, shift=scale,
+              requires_grad=True)
+    w = randn(5, 512, dtype=dtype, device=device, scale=wscale / 4, shift=wscale,
+              requires_grad=True)
+    b = randn(5, dtype=dtype, device=device, requires_grad=True)
+    go = randn(6, 5, dtype=dtype, device=device, scale=1e-3)
+    ours = _run(lambda *a: F.cosine_linear(*a, 1e-12), (x, w, b), go, (x, w, b))
+    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    ref = _run(lambda *a: R.cosine_linear(*a, 1e-12), l64, go.double(), l64)
+    lt = [_leaf(t) for t in (x, w, b)]
+    theirs = _run(lambda *a: _torch_cos(*a, 1e-12), lt, go, lt)
+    _compare(ours, ref, theirs, dtype, ("out", "grad_input", "grad_weight", "grad_bias"))
+
+
 def test_cosine_linear_zero_rows_and_sizes(device):
     x = randn(5, 12, device=device, requires_grad=True)
     w = randn(6, 12, device=device, requires_grad=True)

@@ -13,6 +13,11 @@
 // backward scales grad_out the same way (H = dy / (|x_i| |w_j|)), runs two
 // GEMMs (P = H w, Q = H^T x) and finishes each gradient with one fused row
 // pass: dx_i = P_i - x_i (x_i . P_i) / |x_i|^2 (likewise dw).
+//
+// float16 runs all of this on float32 copies: raw dot products overflow its
+// range (65504) as soon as |x_i| |w_j| does, e.g. 512 features of 16 each
+// (out = inf where the cosine is 1), and H underflows when the norms are
+// large. bfloat16 has float32's range and runs as is.
 #include "l2_norm.h"
 
 #include "../common/checks.h"
@@ -274,6 +279,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_forward(
     double eps,
     const Launchers& launch) {
   const CosDims d = check_cosine("cosine_linear", input, weight, bias);
+  if (input.scalar_type() == at::kHalf) {
+    std::optional<at::Tensor> bias32;
+    if (bias.has_value() && bias->defined()) bias32 = bias->to(at::kFloat);
+    auto [out, nx, nw] = cosine_forward(input.to(at::kFloat), weight.to(at::kFloat), bias32,
+                                        eps, launch);
+    return {out.to(at::kHalf), nx, nw};
+  }
   const at::Tensor x = input.reshape({d.M, d.K}).contiguous();
   const at::Tensor w = weight.contiguous();
   const auto acc = input.options().dtype(acc_type(input));
@@ -321,6 +333,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_backward(
       at::IntArrayRef(out_shape), ", but got ", grad_out.sizes());
   check_stat(op, input_norm, input, d.lead, "input_norm");
   check_stat(op, weight_norm, input, {d.O}, "weight_norm");
+  if (input.scalar_type() == at::kHalf) {  // see the top of this file
+    auto [gx, gw, gb] = cosine_backward(grad_out.to(at::kFloat), input.to(at::kFloat),
+                                        weight.to(at::kFloat), input_norm, weight_norm, eps,
+                                        bias_grad, launch);
+    return {gx.to(at::kHalf), gw.to(at::kHalf), gb.to(at::kHalf)};
+  }
 
   const at::Tensor x = input.reshape({d.M, d.K}).contiguous();
   const at::Tensor w = weight.contiguous();
