@@ -239,6 +239,7 @@ std::pair<at::Tensor, at::Tensor> staged_backward(
   }
   reduce(Mode::kGrad, step(AlgStep::kGradParams, 5), 2);
   pp.params = step(AlgStep::kApplyParams, 6);
+  run_alg(L, AlgStep::kParamGrads, v);
   L.pointwise(pp);
   return {grads[0], grads[1]};
 }

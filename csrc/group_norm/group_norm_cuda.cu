@@ -22,9 +22,9 @@
 //   * one block per item (chunk, plane): grids are capped at 2^30 blocks and
 //     the kernels step by gridDim.x beyond that;
 //   * the (N, C)-sized algebra between them: one small kernel per step, one
-//     thread per group or plane, running the functions of
+//     thread per group, plane or channel, running the functions of
 //     group_norm_algebra.h that the CPU runs as loops (so the CPU tests check
-//     their arithmetic): 1 launch in the forward, 5 in the backward (float32
+//     their arithmetic): 1 launch in the forward, 6 in the backward (float32
 //     statistics always take the kCorrect pass: deciding on the host would
 //     need a device sync), where ATen ops took about 30 and 60.
 #include "group_norm.h"
