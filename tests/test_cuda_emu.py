@@ -57,6 +57,14 @@ def test_missing_barrier_changes_the_result():
     assert any(o != str(_expected_neighbour()) for o in outs.values()), outs
 
 
+def test_unwritten_shared_memory_reads_nan():
+    """Shared memory is filled with NaN bytes before every block: a read of
+    what no thread of the block wrote gives NaN (here the second block reads
+    what the first left), not a value left by an earlier block."""
+    out = _run("unwritten_shared")
+    assert out == str([float("nan")] * 64), out
+
+
 @pytest.mark.parametrize("name,message", [
     ("divergent_shuffle", "wait on each other"),
     ("exited_lanes", "does not take part"),

@@ -1,8 +1,8 @@
 """Build the CUDA emulator library: csrc's CUDA kernels compiled for the CPU.
 
 The `.cu` files are rewritten (kernel launches `k<<<g, b, s, st>>>(...)` become
-`::cuemu::launch("k", k, g, b, s, st)(...)`, dynamic shared memory a pointer
-from the emulator) into build/cuda_emu/gen, then compiled with g++ together
+`::cuemu::launch("k", k, g, b, s, st)(...)`, shared memory storage from the
+emulator, poisoned before each block) into build/cuda_emu/gen, then compiled with g++ together
 with the ops' host code (csrc/<op>/<op>.cpp), the CUDA registrations made CPU
 ones. Loaded after torchfuse (whose library defines the schemas), it replaces
 the CPU kernels of torch.ops.torchfuse.* with the CUDA ones, run on CPU
@@ -24,23 +24,29 @@ CSRC = os.path.join(ROOT, "csrc")
 
 _LAUNCH = re.compile(
     r"([A-Za-z_][\w:]*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+_STATIC_SMEM = re.compile(
+    r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:][\w:<>,\s]*?)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
 _DYN_SMEM = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:][\w:\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
 def rewrite(text: str) -> str:
-    """The CUDA source with its launch syntax and dynamic shared memory
-    spelled as calls into the emulator (line numbers kept)."""
+    """The CUDA source with its launch syntax and shared memory (static and
+    dynamic) spelled as calls into the emulator (line numbers kept)."""
     def launch(m: re.Match) -> str:
         kernel, cfg = m.group(1), m.group(2)
         name = " ".join(kernel.split())
         return f'::cuemu::launch("{name}", {kernel}, {cfg})('
 
     text = _LAUNCH.sub(launch, text)
+    site = iter(range(1 << 30))
     text = _DYN_SMEM.sub(
         lambda m: f"{m.group(1)}* {m.group(2)} = "
                   f"static_cast<{m.group(1)}*>(::cuemu::dynamic_smem());", text)
-    if "<<<" in text or "extern __shared__" in text:
+    text = _STATIC_SMEM.sub(
+        lambda m: f'auto& {m.group(2)} = ::cuemu::shared<{m.group(1)} {m.group(3)}>'
+                  f'("{m.group(2)}#{next(site)}");', text)
+    if "<<<" in text or "__shared__" in text:
         raise RuntimeError("cuemu: a launch or shared declaration was not rewritten")
     return text
 

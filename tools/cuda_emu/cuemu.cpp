@@ -89,7 +89,16 @@ struct Fiber {
   State state;
 };
 
+struct SharedVar {
+  const char* site;
+  size_t type_hash;
+  size_t bytes;
+  std::unique_ptr<unsigned char[]> storage;
+  void* ptr;
+};
+
 struct Runtime {
+  std::vector<SharedVar> shared;
   std::vector<Fiber> fibers;
   char* stacks = nullptr;
   std::vector<char*> free_stacks;
@@ -176,6 +185,8 @@ std::vector<int64_t> run_order(int64_t n, uint64_t block_linear) {
 }
 
 void run_block(int64_t nthreads, const dim3& bd, uint64_t block_linear) {
+  rt.shared.clear();  // static shared memory is handed out afresh, poisoned
+  std::fill(rt.smem.begin(), rt.smem.end(), 0xff);
   rt.fibers.resize(nthreads);
   const int64_t nwarps = (nthreads + 31) / 32;
   rt.warp_live.assign(nwarps, 0);
@@ -313,6 +324,19 @@ uint64_t shfl_xor(unsigned member_mask, uint64_t v, int lane_mask, int width) {
 }
 
 int64_t launch_count() { return rt.launches; }
+
+void* shared_alloc(const char* site, size_t type_hash, size_t bytes, size_t align) {
+  for (SharedVar& v : rt.shared) {
+    if (v.site == site && v.type_hash == type_hash) return v.ptr;
+  }
+  SharedVar v{site, type_hash, bytes, std::make_unique<unsigned char[]>(bytes + align), nullptr};
+  void* p = v.storage.get();
+  size_t space = bytes + align;
+  v.ptr = std::align(align, bytes, p, space);
+  std::memset(v.ptr, 0xff, bytes);
+  rt.shared.push_back(std::move(v));
+  return rt.shared.back().ptr;
+}
 
 void* dynamic_smem() {
   void* p = rt.smem.data();

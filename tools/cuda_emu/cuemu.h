@@ -13,7 +13,7 @@
 // taking part, 16-byte vector accesses (Vec loads) that are not aligned, and
 // a block whose threads wait on each other (a barrier reached by some of its
 // threads only). It does not model timing, memory coherence between blocks
-// running at once, or uninitialised shared memory.
+// running at once; shared memory not written before it is read reads NaN.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <tuple>
+#include <typeinfo>
 #include <type_traits>
 #include <utility>
 
@@ -46,7 +47,11 @@ extern dim3 gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Static shared memory: build.py rewrites `__shared__ T name[n];` as
+// `auto& name = ::cuemu::shared<T[n]>("site");`, storage that the runtime
+// hands out once per block and fills with 0xff bytes (NaN) first, so a read of
+// shared memory that no thread of the block wrote gives NaN rather than a
+// value an earlier block left.
 #define __align__(n) alignas(n)
 #define __grid_constant__
 
@@ -61,6 +66,11 @@ void sync_block();
 // The 8-byte value of lane (lane ^ mask) within groups of `width` lanes.
 uint64_t shfl_xor(unsigned member_mask, uint64_t v, int lane_mask, int width);
 void* dynamic_smem();
+void* shared_alloc(const char* site, size_t type_hash, size_t bytes, size_t align);
+template <typename T>
+T& shared(const char* site) {
+  return *static_cast<T*>(shared_alloc(site, typeid(T).hash_code(), sizeof(T), alignof(T)));
+}
 // Kernel launches run so far (tests check that an op went through here).
 int64_t launch_count();
 void check_aligned(const void* p, size_t bytes);

@@ -25,6 +25,15 @@ __global__ void neighbour_kernel(float* out) {
   smem[threadIdx.x] = -1.0f;  // stale for the next launch
 }
 
+// Reads shared memory that no thread of this block wrote (the previous launch
+// did).
+__global__ void unwritten_shared_kernel(float* out) {
+  __shared__ float smem[64];
+  out[threadIdx.x] = smem[threadIdx.x];
+  __syncthreads();
+  smem[threadIdx.x] = 1.0f;
+}
+
 // Half of warp 0 shuffles while the other half waits at __syncthreads.
 __global__ void divergent_shuffle_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);
@@ -51,6 +60,8 @@ at::Tensor run(const std::string& name) {
     neighbour_kernel<true><<<1, 64>>>(o);
   } else if (name == "neighbour_unsynced") {
     neighbour_kernel<false><<<1, 64>>>(o);
+  } else if (name == "unwritten_shared") {
+    unwritten_shared_kernel<<<2, 64>>>(o);
   } else if (name == "divergent_shuffle") {
     divergent_shuffle_kernel<<<1, 64>>>(o);
   } else if (name == "exited_lanes") {
