@@ -45,6 +45,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kStatChunk = 4096;
 constexpr int64_t kReduceChunk = 4096;
 constexpr int kTileC = 32, kTileR = 8;  // channels_last reduction block
+constexpr int64_t kSmallPlane = 256;    // reduce_small_planes_kernel up to this S
 
 template <Act ACT, typename A>
 __device__ __forceinline__ A act_fwd(A y) {
@@ -283,6 +284,51 @@ __global__ void reduce_planar_kernel(
   }
 }
 
+// Contiguous with short planes (S <= kSmallPlane, one chunk): block (W, rows)
+// with W = min(32, next_pow2(S)) lanes per plane and kThreads / W planes per
+// block, sub-warp sums: one 256-thread block per plane left all but S of its
+// threads idle ((N, C) input: S = 1, 255 of 256).
+template <typename T, Mode MODE, Act ACT>
+__global__ void reduce_small_planes_kernel(
+    const T* __restrict__ x,
+    const T* __restrict__ dy,
+    const at::opmath_type<T>* __restrict__ prm,
+    at::opmath_type<T>* __restrict__ part,
+    int64_t N, int64_t C, int64_t S) {
+  using A = at::opmath_type<T>;
+  constexpr int NP = num_params(MODE), NQ = num_sums(MODE);
+  const int64_t NC = N * C;
+  const int64_t rows = blockDim.y;
+  // block-stride over groups of `rows` planes: uniform, so every lane reaches
+  // the shuffles (planes past NC sum nothing and write nothing)
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows; base < NC;
+       base += static_cast<int64_t>(gridDim.x) * rows) {
+    const int64_t plane = base + threadIdx.y;
+    A q[NQ];
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) q[i] = A(0);
+    if (plane < NC && (MODE != Mode::kCorrect || prm[NC + plane] != A(0))) {
+      A p[NP];
+#pragma unroll
+      for (int i = 0; i < NP; ++i) p[i] = prm[i * NC + plane];
+      const T* xp = x + plane * S;
+      const T* dp = MODE == Mode::kGrad ? dy + plane * S : nullptr;
+      for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+        const A d = MODE == Mode::kGrad ? static_cast<A>(dp[s]) : A(0);
+        reduce_op<MODE, ACT>(static_cast<A>(xp[s]), d, p, q);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+      const A v = warp_sum(q[i], static_cast<int>(blockDim.x));
+      if (threadIdx.x == 0 && plane < NC) {
+        const int64_t n = plane / C, c = plane % C;
+        part[(i * N + n) * C + c] = v;  // K == 1
+      }
+    }
+  }
+}
+
 // channels_last: block (kTileC, kTileR) per (sample, chunk of R rows,
 // 32-channel tile); threadIdx.x walks channels (coalesced), threadIdx.y rows.
 template <typename T, Mode MODE, Act ACT>
@@ -390,7 +436,13 @@ void reduce_launch(const ReduceParams& rp) {
   const T* dy = MODE == Mode::kGrad ? rp.dy.const_data_ptr<T>() : nullptr;
   const A* prm = rp.params.const_data_ptr<A>();
   A* part = rp.partial.mutable_data_ptr<A>();
-  if (!g.cl) {
+  if (!g.cl && rp.K == 1 && g.S <= kSmallPlane) {
+    const int lanes = static_cast<int>(std::min<int64_t>(32, next_pow2(g.S)));
+    const int rows = kThreads / lanes;
+    reduce_small_planes_kernel<T, MODE, ACT>
+        <<<block_grid(ceil_div(g.N * g.C, rows)), dim3(lanes, rows), 0, stream>>>(
+        x, dy, prm, part, g.N, g.C, g.S);
+  } else if (!g.cl) {
     reduce_planar_kernel<T, MODE, ACT><<<block_grid(g.N * g.C * rp.K), kThreads, 0, stream>>>(
         x, dy, prm, part, g.N, g.C, g.S, rp.K, rp.R);
   } else {

@@ -254,6 +254,12 @@ void run_grid(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t bx, 
               " bytes is over 48 KiB (needs cudaFuncSetAttribute)");
   const int64_t nthreads = bx * by * bz;
   ++rt.launches;
+  if (std::getenv("CUEMU_TRACE") != nullptr) {  // which kernels an op launches, and how
+    std::fprintf(stderr, "cuemu: %s grid (%lld, %lld, %lld) block (%lld, %lld, %lld)\n", name,
+                 static_cast<long long>(gx), static_cast<long long>(gy),
+                 static_cast<long long>(gz), static_cast<long long>(bx),
+                 static_cast<long long>(by), static_cast<long long>(bz));
+  }
   if (rt.stacks == nullptr) {
     void* p = mmap(nullptr, kStack * kMaxThreads, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

@@ -14,6 +14,7 @@
 // a block whose threads wait on each other (a barrier reached by some of its
 // threads only). It does not model timing, memory coherence between blocks
 // running at once; shared memory not written before it is read reads NaN.
+// CUEMU_TRACE=1 prints every launch (kernel, grid, block) to stderr.
 #pragma once
 
 #include <ATen/ATen.h>
