@@ -20,7 +20,7 @@ ORDERS = ["forward", "reverse", "shuffle1"]
 EMU_DIR = os.path.join(os.path.dirname(__file__), "..", "tools", "cuda_emu")
 
 
-def _run(name, order="forward"):
+def _run(name, order="forward", extra_env=None):
     """Runs a self-test kernel in a fresh process under the given thread
     order (the emulator reads CUEMU_ORDER at each launch); returns its output
     or the error message."""
@@ -34,9 +34,11 @@ def _run(name, order="forward"):
         "except RuntimeError as e:\n"
         "    print('ERROR', str(e).splitlines()[0])\n"
     )
-    env = dict(os.environ, CUEMU_ORDER=order)
+    env = dict(os.environ, CUEMU_ORDER=order, **(extra_env or {}))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300, check=True)
+                         timeout=600, check=extra_env is None)
+    if extra_env is not None:
+        return res.stdout + res.stderr
     return res.stdout.strip().splitlines()[-1]
 
 
@@ -75,6 +77,24 @@ def test_unwritten_shared_memory_reads_nan():
 def test_defect_is_an_error(name, message):
     out = _run(name)
     assert out.startswith("ERROR") and message in out, out
+
+
+def _libasan():
+    try:
+        path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.mark.skipif(_libasan() is None, reason="gcc's libasan.so not found")
+def test_asan_build_reports_out_of_bounds_writes():
+    """CUEMU_ASAN=1 (build.py) builds the emulator with AddressSanitizer: a
+    kernel writing past the end of its tensor is reported."""
+    out = _run("out_of_bounds", extra_env={
+        "CUEMU_ASAN": "1", "LD_PRELOAD": _libasan(), "ASAN_OPTIONS": "detect_leaks=0"})
+    assert "heap-buffer-overflow" in out and "copy_kernel" in out, out[-2000:]
 
 
 def test_aligned_vector_access_is_fine():

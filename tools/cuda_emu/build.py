@@ -10,6 +10,15 @@ tensors: the CPU test suite then tests the CUDA kernels
 (TORCHFUSE_CUDA_EMU=1 make test; tests/conftest.py loads it).
 
     python tools/cuda_emu/build.py        # build (incremental) and print the path
+
+CUEMU_ASAN=1 builds it with AddressSanitizer (build/torchfuse_cuda_emu_asan), which
+then reports kernel reads and writes outside the tensors torch allocated:
+
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+        CUEMU_ASAN=1 python tools/cuda_emu/fuzz.py --seconds 300
+
+Not under pytest: there the process ended, with no report, at the first test whose
+op raised a C++ exception (seen here, not investigated).
 """
 from __future__ import annotations
 
@@ -78,22 +87,29 @@ def build(verbose: bool = False) -> str:
     """Build (incrementally) and load the emulator library; returns its path."""
     from torch.utils import cpp_extension
 
-    build_dir = os.path.join(ROOT, "build", "cuda_emu")
+    asan = os.environ.get("CUEMU_ASAN") == "1"
+    name = "torchfuse_cuda_emu" + ("_asan" if asan else "")
+    build_dir = os.path.join(ROOT, "build", name)
     os.makedirs(build_dir, exist_ok=True)
     srcs, op_dirs = sources(build_dir)
     cflags = ["-O1", "-g0", "-std=c++20", "-fvisibility=hidden",
               "-DTORCHFUSE_CUDA_EMU", "-DTORCHFUSE_WITH_CUDA", "-w"]
+    ldflags = []
+    if asan:
+        cflags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address"]
     cpp_extension.load(
-        name="torchfuse_cuda_emu",
+        name=name,
         sources=srcs,
         extra_cflags=cflags,
+        extra_ldflags=ldflags,
         extra_include_paths=[os.path.join(HERE, "include"), HERE] + op_dirs,
         build_directory=build_dir,
         is_python_module=False,
         with_cuda=False,
         verbose=verbose,
     )
-    return os.path.join(build_dir, "torchfuse_cuda_emu.so")
+    return os.path.join(build_dir, name + ".so")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def check(rng, make, F, R):
     desc = f"{desc} {str(dtype)[6:]} strides/offsets={strides}"
     out = ours(*laid)
     exp = ref(*leaves64)
-    go = torch.randn(exp.shape, dtype=torch.float64)
+    go = torch.randn(exp.shape, dtype=torch.float64).to(dtype).double()  # rounded, as dy
     go_d = go.to(dtype)
     if out.dim() == 4 and not out.is_contiguous():
         go_d = go_d.contiguous(memory_format=torch.channels_last)

@@ -72,6 +72,8 @@ at::Tensor run(const std::string& name) {
     copy_kernel<<<1, 2048>>>(o, o + 4);
   } else if (name == "misaligned") {
     copy_kernel<<<1, 1>>>(o + 1, o + 8);
+  } else if (name == "out_of_bounds") {  // for CUEMU_ASAN=1 builds: a write past the end
+    copy_kernel<<<1, 16>>>(o, o + 4);
   } else if (name == "aligned") {
     copy_kernel<<<1, 1>>>(o + 4, o + 8);
   } else {
