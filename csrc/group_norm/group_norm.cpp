@@ -224,12 +224,7 @@ std::pair<at::Tensor, at::Tensor> staged_backward(
   };
   bool correct = false;
   if constexpr (std::is_same_v<A, float>) {
-    // On CPU the pass is skipped when no group needs it.
-#ifdef TORCHFUSE_CUDA_EMU  // tools/cuda_emu: CPU tensors stand for CUDA ones
-    correct = true;
-#else
-    correct = !rp.x.is_cpu();
-#endif
+    correct = L.always_correct;
     for (int64_t ng = 0; !correct && ng < g.N * g.G; ++ng) correct = alg::needs_correction(v, ng);
   }
   if (correct) reduce(Mode::kCorrect, step(AlgStep::kCorrectParams, 2), 1);

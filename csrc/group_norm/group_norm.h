@@ -153,6 +153,10 @@ struct Launchers {
   // and the sigmoid are evaluated once per element rather than twice. For
   // the CPU, where that evaluation bounds those passes; CUDA recomputes.
   int64_t keep_grad_bytes = 0;
+  // float32 backward: run the kCorrect pass for every group (CUDA: deciding
+  // which groups need it would read the statistics on the host, a device
+  // sync) rather than only where alg::needs_correction says so (CPU).
+  bool always_correct = false;
   void (*fused_fwd)(const FusedParams&) = nullptr;  // optional
   void (*fused_bwd)(const FusedParams&) = nullptr;
   int64_t fused_bytes = 0;  // largest group (bytes of x, plus dy) to fuse

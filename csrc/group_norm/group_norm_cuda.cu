@@ -45,7 +45,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kStatChunk = 4096;
 constexpr int64_t kReduceChunk = 4096;
 constexpr int kTileC = 32, kTileR = 8;  // channels_last reduction block
-constexpr int64_t kSmallPlane = 256;    // reduce_small_planes_kernel up to this S
+constexpr int64_t kSmallPlane = 256;    // sub-warp rows in reduce_planar_kernel up to this S
 
 template <Act ACT, typename A>
 __device__ __forceinline__ A act_fwd(A y) {
@@ -245,7 +245,11 @@ __device__ __forceinline__ void reduce_op(A x, A dy, const A* p, A* q) {
   }
 }
 
-// Contiguous: one block per (plane, chunk of R positions).
+// Contiguous: a row of blockDim.x lanes per item (plane, chunk of R
+// positions), blockDim.y items a block. Planes longer than kSmallPlane: 256
+// lanes, one item a block (block_sum); shorter: min(32, next_pow2(S)) lanes
+// and 256 / lanes items a block, sub-warp sums (one 256-thread block per
+// plane left all but S of its threads idle: (N, C) input, 255 of 256).
 template <typename T, Mode MODE, Act ACT>
 __global__ void reduce_planar_kernel(
     const T* __restrict__ x,
@@ -256,15 +260,19 @@ __global__ void reduce_planar_kernel(
   using A = at::opmath_type<T>;
   constexpr int NP = num_params(MODE), NQ = num_sums(MODE);
   __shared__ A smem[32];
-  const int64_t NC = N * C;
-  for (int64_t t = blockIdx.x; t < NC * K; t += gridDim.x) {  // block-stride
+  const int64_t NC = N * C, items = NC * K, rows = blockDim.y;
+  // block-stride over groups of `rows` items: uniform, so every thread
+  // reaches row_sum (items past the end sum nothing and write nothing)
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows; base < items;
+       base += static_cast<int64_t>(gridDim.x) * rows) {
+  const int64_t t = base + threadIdx.y;
+  const bool valid = t < items;
   const int64_t plane = t / K, k = t % K;
-  const int64_t n = plane / C, c = plane % C;
   A q[NQ];
 #pragma unroll
   for (int i = 0; i < NQ; ++i) q[i] = A(0);
-  // kCorrect: groups that need no correction are not read (block-uniform).
-  if (MODE != Mode::kCorrect || prm[NC + plane] != A(0)) {
+  // kCorrect: groups that need no correction are not read (row-uniform).
+  if (valid && (MODE != Mode::kCorrect || prm[NC + plane] != A(0))) {
     A p[NP];
 #pragma unroll
     for (int i = 0; i < NP; ++i) p[i] = prm[i * NC + plane];
@@ -278,54 +286,12 @@ __global__ void reduce_planar_kernel(
   }
 #pragma unroll
   for (int i = 0; i < NQ; ++i) {
-    const A v = block_sum(q[i], smem);
-    if (threadIdx.x == 0) part[((i * N + n) * K + k) * C + c] = v;
-  }
-  }
-}
-
-// Contiguous with short planes (S <= kSmallPlane, one chunk): block (W, rows)
-// with W = min(32, next_pow2(S)) lanes per plane and kThreads / W planes per
-// block, sub-warp sums: one 256-thread block per plane left all but S of its
-// threads idle ((N, C) input: S = 1, 255 of 256).
-template <typename T, Mode MODE, Act ACT>
-__global__ void reduce_small_planes_kernel(
-    const T* __restrict__ x,
-    const T* __restrict__ dy,
-    const at::opmath_type<T>* __restrict__ prm,
-    at::opmath_type<T>* __restrict__ part,
-    int64_t N, int64_t C, int64_t S) {
-  using A = at::opmath_type<T>;
-  constexpr int NP = num_params(MODE), NQ = num_sums(MODE);
-  const int64_t NC = N * C;
-  const int64_t rows = blockDim.y;
-  // block-stride over groups of `rows` planes: uniform, so every lane reaches
-  // the shuffles (planes past NC sum nothing and write nothing)
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows; base < NC;
-       base += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t plane = base + threadIdx.y;
-    A q[NQ];
-#pragma unroll
-    for (int i = 0; i < NQ; ++i) q[i] = A(0);
-    if (plane < NC && (MODE != Mode::kCorrect || prm[NC + plane] != A(0))) {
-      A p[NP];
-#pragma unroll
-      for (int i = 0; i < NP; ++i) p[i] = prm[i * NC + plane];
-      const T* xp = x + plane * S;
-      const T* dp = MODE == Mode::kGrad ? dy + plane * S : nullptr;
-      for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-        const A d = MODE == Mode::kGrad ? static_cast<A>(dp[s]) : A(0);
-        reduce_op<MODE, ACT>(static_cast<A>(xp[s]), d, p, q);
-      }
+    const A v = row_sum(q[i], smem);
+    if (threadIdx.x == 0 && valid) {
+      const int64_t n = plane / C, c = plane % C;
+      part[((i * N + n) * K + k) * C + c] = v;
     }
-#pragma unroll
-    for (int i = 0; i < NQ; ++i) {
-      const A v = warp_sum(q[i], static_cast<int>(blockDim.x));
-      if (threadIdx.x == 0 && plane < NC) {
-        const int64_t n = plane / C, c = plane % C;
-        part[(i * N + n) * C + c] = v;  // K == 1
-      }
-    }
+  }
   }
 }
 
@@ -436,14 +402,12 @@ void reduce_launch(const ReduceParams& rp) {
   const T* dy = MODE == Mode::kGrad ? rp.dy.const_data_ptr<T>() : nullptr;
   const A* prm = rp.params.const_data_ptr<A>();
   A* part = rp.partial.mutable_data_ptr<A>();
-  if (!g.cl && rp.K == 1 && g.S <= kSmallPlane) {
-    const int lanes = static_cast<int>(std::min<int64_t>(32, next_pow2(g.S)));
+  if (!g.cl) {
+    const int lanes =
+        g.S <= kSmallPlane ? static_cast<int>(std::min<int64_t>(32, next_pow2(g.S))) : kThreads;
     const int rows = kThreads / lanes;
-    reduce_small_planes_kernel<T, MODE, ACT>
-        <<<block_grid(ceil_div(g.N * g.C, rows)), dim3(lanes, rows), 0, stream>>>(
-        x, dy, prm, part, g.N, g.C, g.S);
-  } else if (!g.cl) {
-    reduce_planar_kernel<T, MODE, ACT><<<block_grid(g.N * g.C * rp.K), kThreads, 0, stream>>>(
+    reduce_planar_kernel<T, MODE, ACT>
+        <<<block_grid(ceil_div(g.N * g.C * rp.K, rows)), dim3(lanes, rows), 0, stream>>>(
         x, dy, prm, part, g.N, g.C, g.S, rp.K, rp.R);
   } else {
     const int64_t tiles = ceil_div(g.C, kTileC);
@@ -527,6 +491,7 @@ const Launchers kCuda{
     .reduce_chunk = kReduceChunk,
     .reduce_rows_cl = kReduceChunk / kTileC,  // at least 128 rows of a 32-channel tile
     .max_chunks = 1024,
+    .always_correct = true,
 };
 
 TORCH_LIBRARY_IMPL(torchfuse, CUDA, m) {

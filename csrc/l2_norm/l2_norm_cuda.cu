@@ -191,6 +191,16 @@ __device__ __forceinline__ A col_block_sum(
   return s;
 }
 
+// Split path: the per-split partial sums of position pos, added in split
+// order (deterministic).
+template <typename A>
+__device__ __forceinline__ A sum_splits(const A* partial, int64_t splits, int64_t stride,
+                                        int64_t pos) {
+  A s = 0;
+  for (int64_t k = 0; k < splits; ++k) s += partial[k * stride + pos];
+  return s;
+}
+
 // Split path, first kernel: partial[split, o * inner + i] = the sum over the
 // split's channels of x^2 (dy == nullptr: forward) or of dy * w * x
 // (backward). grid = (tiles, splits).
@@ -259,10 +269,7 @@ __global__ void col_fwd_kernel(
         return a * a;
       });
     } else {
-      ss = 0;
-      if (valid) {
-        for (int64_t s = 0; s < splits; ++s) ss += partial[s * outer * inner + pos];
-      }
+      ss = valid ? sum_splits(partial, splits, outer * inner, pos) : A(0);
     }
     if (!valid) continue;  // no barrier below
     const A n = sqrt_acc(ss);
@@ -310,10 +317,7 @@ __global__ void col_bwd_kernel(
         return static_cast<A>(dy[off + c * inner]) * wc * static_cast<A>(x[off + c * inner]);
       });
     } else {
-      d = 0;
-      if (valid) {
-        for (int64_t s = 0; s < splits; ++s) d += partial[s * outer * inner + pos];
-      }
+      d = valid ? sum_splits(partial, splits, outer * inner, pos) : A(0);
     }
     if (!valid) continue;  // no barrier below
     const A n = norm[pos];
@@ -476,7 +480,7 @@ void fwd_launch(const FwdParams& p) {
   const ColSplit cs = col_split(p.outer, p.C, p.inner);
   if (cs.used == 1) {
     col_fwd_kernel<T><<<cs.grid, cs.block, 0, stream>>>(
-        x, w, nullptr, out, norm, p.outer, p.C, p.inner, p.C, eps);
+        x, w, nullptr, out, norm, p.outer, p.C, p.inner, cs.c_per_split, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -528,8 +532,7 @@ void bwd_launch(const BwdParams& p) {
     }
     col_bwd_kernel<T><<<cs.grid, cs.block, 0, stream>>>(
         dy, x, norm, w, cs.used > 1 ? partial.const_data_ptr<A>() : nullptr,
-        p.dx.mutable_data_ptr<T>(), p.outer, p.C, p.inner, cs.used > 1 ? cs.c_per_split : p.C,
-        eps);
+        p.dx.mutable_data_ptr<T>(), p.outer, p.C, p.inner, cs.c_per_split, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!p.dweight.defined()) return;

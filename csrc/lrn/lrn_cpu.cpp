@@ -98,8 +98,6 @@ __attribute__((noinline)) void sum_rows(const A* q, int64_t ld, int64_t rows, in
 template <typename A, typename F>
 void window_rows(const A* q, int64_t R, int64_t ld, int64_t m, int64_t lo, int64_t hi,
                  A* acc, double* acc64, const F& f) {
-  using AVec = at::vec::Vectorized<A>;
-  constexpr int64_t K = AVec::size();
   if (lo + hi + 1 <= kDirectWindow) {
     for (int64_t r = 0; r < R; ++r) {
       sum_rows(q + std::max<int64_t>(0, r - lo) * ld, ld,
@@ -113,10 +111,8 @@ void window_rows(const A* q, int64_t R, int64_t ld, int64_t m, int64_t lo, int64
     const bool add = r > 0 && r + hi < R, sub = r > 0 && r - lo - 1 >= 0;
     for (int64_t j = 0; j < m; ++j) {
       double a = acc64[j];
-      if (r > 0) {
-        if (add) a += static_cast<double>(q[(r + hi) * ld + j]);
-        if (sub) a -= static_cast<double>(q[(r - lo - 1) * ld + j]);
-      }
+      if (add) a += static_cast<double>(q[(r + hi) * ld + j]);
+      if (sub) a -= static_cast<double>(q[(r - lo - 1) * ld + j]);
       if (r == 0 || !std::isfinite(a)) {
         a = 0;
         for (int64_t i = i0; i <= i1; ++i) a += static_cast<double>(q[i * ld + j]);

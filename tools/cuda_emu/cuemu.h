@@ -76,12 +76,6 @@ T& shared(const char* site) {
 int64_t launch_count();
 void check_aligned(const void* p, size_t bytes);
 
-template <typename T>
-int64_t dim_value(T v) {
-  static_assert(std::is_integral_v<T>, "a grid or block size must be integral");
-  return static_cast<int64_t>(v);
-}
-inline int64_t dim_value(const dim3& d) { return d.x; }
 
 struct Dims {
   int64_t x, y, z;
@@ -91,7 +85,8 @@ Dims dims_of(const T& v) {
   if constexpr (std::is_same_v<T, dim3>) {
     return {v.x, v.y, v.z};
   } else {
-    return {dim_value(v), 1, 1};
+    static_assert(std::is_integral_v<T>, "a grid or block size must be integral");
+    return {static_cast<int64_t>(v), 1, 1};
   }
 }
 
