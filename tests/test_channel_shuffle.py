@@ -97,6 +97,26 @@ def test_contiguous_plane_sizes(device):
         assert torch.equal(F.cat_shuffle([a, b], 3), TF.channel_shuffle(torch.cat([a, b], 1), 3)), n
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+def test_contiguous_tasks_start_mid_row(device, threads):
+    # Contiguous planes are split into parallel tasks of >= 64 KB, which
+    # start anywhere in a row of C planes: 90 planes of 5.3 KB over 2 or 4
+    # threads start tasks at planes 45 or 23, 46, 69 (rows of 30). Both
+    # directions: channel_shuffle, and cat_shuffle's one-piece backward.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for groups in (2, 3, 5, 10, 15):
+            x = randn(3, 30, 37, 37, device=device).requires_grad_()
+            assert torch.equal(F.channel_shuffle(x, groups), TF.channel_shuffle(x.detach(), groups))
+            out = F.cat_shuffle([x], groups)
+            go = randn(*out.shape, device=device)
+            (gx,) = torch.autograd.grad(out, [x], go)
+            assert torch.equal(gx, TF.channel_shuffle(go, 30 // groups)), groups
+    finally:
+        torch.set_num_threads(before)
+
+
 # channels_last rows take one of three kernels: an interleave of `groups`
 # streams (groups in 2, 3, 4, 8), a de-interleave of records of cpg elements
 # (cpg in 2, 3, 4, 8), or a per-element table; streams long enough for the
