@@ -1,16 +1,14 @@
 // Channel shuffle and cat + shuffle: CPU kernels and the CPU registration.
 // Checks, layouts and the channel map: channel_shuffle.{h,cpp}.
 //
-// The channel map is resolved once per call into a table. Then
 //   * I > 1 (contiguous layout): each (o, channel) is one copy of a plane;
 //     one piece: the source channel stepped along with the destination;
-//     several: a table of base address and outer stride of both sides per
-//     channel;
+//     several: the channel map resolved once per call into a table of base
+//     address and outer stride of both sides per channel;
 //   * I == 1 (channels_last): per outer row, a transpose of C elements moved
 //     as integers of the element's size (vectorized interleaves for small
 //     groups or small cpg, else a table of s(c) per channel).
 #include "channel_shuffle.h"
-
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,6 +27,11 @@ namespace {
 // Parallel tasks move at least kTaskBytes: smaller tensors run on one thread
 // (waking a second one costs more than it saves).
 constexpr int64_t kTaskBytes = int64_t{1} << 16;
+
+// at::parallel_for's grain for items of item_bytes each.
+int64_t task_grain(int64_t item_bytes) {
+  return std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(item_bytes, 1));
+}
 
 struct Entry {
   char* dst;
@@ -121,8 +124,7 @@ E* piece_row(const Pieces& pc, size_t k, int64_t o) {
 template <typename E, typename Fn>
 void for_each_row(const Params& p, const Fn& f) {
   E* sh = static_cast<E*>(p.shuffled.data_ptr());
-  const int64_t C = p.C;
-  const int64_t grain = std::max<int64_t>(1, kTaskBytes / (C * static_cast<int64_t>(sizeof(E))));
+  const int64_t C = p.C, grain = task_grain(C * static_cast<int64_t>(sizeof(E)));
   at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) f(o, sh + o * C);
   });
@@ -275,13 +277,9 @@ inline void copy_plane(char* dst, const char* src, int64_t n) {
   if (j < n) move<W>(dst + n - W, src + n - W);
 }
 
-int64_t plane_grain(int64_t plane_bytes) {
-  return std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(plane_bytes, 1));
-}
-
 void copy_planes(const std::vector<Entry>& table, int64_t O, int64_t plane_bytes) {
   const int64_t C = static_cast<int64_t>(table.size());
-  at::parallel_for(0, O * C, plane_grain(plane_bytes), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, O * C, task_grain(plane_bytes), [&](int64_t begin, int64_t end) {
     int64_t o = begin / C, c = begin % C;  // stepped, not divided, per plane
     for (int64_t r = begin; r < end; ++r) {
       const Entry& e = table[c];
@@ -301,11 +299,13 @@ void copy_planes(const std::vector<Entry>& table, int64_t O, int64_t plane_bytes
 // batch-1 ShuffleNet shapes ran at 0.64-0.96x torch's channel_shuffle on the
 // 2-core Xeon (1x464x7x7 float32: 7.2 us against torch's 3.8); without it
 // 1.2-2.2x faster than with it (that one 3.2 us), builds alternated 3x;
-// batch 64 unchanged.
+// batch 64 unchanged. The table built without divisions (c / cpg, c % cpg
+// stepped) was still 0.58-0.92x the speed of this at batch 1 (4 alternations):
+// the allocation and the indirection cost too, so several pieces keep it.
 void copy_planes_one(const char* src, char* dst, int64_t O, int64_t C, int64_t A,
                      int64_t plane_bytes) {
   const int64_t B = C / A, row = C * plane_bytes;
-  at::parallel_for(0, O * C, plane_grain(plane_bytes), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, O * C, task_grain(plane_bytes), [&](int64_t begin, int64_t end) {
     int64_t o = begin / C, d = begin % C, q = d / A, r = d % A;
     for (int64_t t = begin; t < end; ++t) {
       copy_plane(dst + o * row + d * plane_bytes, src + o * row + (r * B + q) * plane_bytes,

@@ -191,13 +191,42 @@ __device__ __forceinline__ A col_block_sum(
   return s;
 }
 
-// Split path: the per-split partial sums of position pos, added in split
-// order (deterministic).
-template <typename A>
-__device__ __forceinline__ A sum_splits(const A* partial, int64_t splits, int64_t stride,
-                                        int64_t pos) {
+// The column path's term for channel c at element e of x: x^2 (dy ==
+// nullptr: the forward's sum of squares) or dy * w * x (the backward's dot).
+template <typename T>
+__device__ __forceinline__ at::opmath_type<T> col_term(
+    const T* x, const T* dy, const at::opmath_type<T>* w, int64_t e, int64_t c) {
+  using A = at::opmath_type<T>;
+  const A a = static_cast<A>(x[e]);
+  if (dy == nullptr) return a * a;
+  const A wc = w != nullptr ? w[c] : A(1);
+  return static_cast<A>(dy[e]) * wc * a;
+}
+
+// col_term summed over channels [c0, c1) at the column starting at element
+// off (col_block_sum: every thread of the block calls it).
+template <typename T>
+__device__ __forceinline__ at::opmath_type<T> col_sum(
+    bool valid, int64_t c0, int64_t c1, at::opmath_type<T> (*red)[kTileX + 1], const T* x,
+    const T* dy, const at::opmath_type<T>* w, int64_t off, int64_t inner) {
+  return col_block_sum<at::opmath_type<T>>(
+      valid, c0, c1, red, [&](int64_t c) { return col_term(x, dy, w, off + c * inner, c); });
+}
+
+// The sum over all C channels at position pos (= o * inner + i, column
+// element off): with partial == nullptr (one split) computed here, else the
+// per-split partial sums added in split order (deterministic). Block-uniform.
+template <typename T>
+__device__ __forceinline__ at::opmath_type<T> col_total(
+    bool valid, const at::opmath_type<T>* partial, int64_t splits, int64_t stride, int64_t pos,
+    int64_t C, at::opmath_type<T> (*red)[kTileX + 1], const T* x, const T* dy,
+    const at::opmath_type<T>* w, int64_t off, int64_t inner) {
+  using A = at::opmath_type<T>;
+  if (partial == nullptr) return col_sum<T>(valid, 0, C, red, x, dy, w, off, inner);
   A s = 0;
-  for (int64_t k = 0; k < splits; ++k) s += partial[k * stride + pos];
+  if (valid) {
+    for (int64_t k = 0; k < splits; ++k) s += partial[k * stride + pos];
+  }
   return s;
 }
 
@@ -224,12 +253,7 @@ __global__ void col_partial_kernel(
     const int64_t i = (t % per_outer) * kTileX + threadIdx.x;
     const bool valid = i < inner;
     const int64_t off = o * C * inner + i;
-    const A s = col_block_sum<A>(valid, c0, c1, red, [&](int64_t c) {
-      const A a = static_cast<A>(x[off + c * inner]);
-      if (dy == nullptr) return a * a;
-      const A wc = w != nullptr ? w[c] : A(1);
-      return static_cast<A>(dy[off + c * inner]) * wc * a;
-    });
+    const A s = col_sum<T>(valid, c0, c1, red, x, dy, w, off, inner);
     if (valid && threadIdx.y == 0) {
       partial[static_cast<int64_t>(blockIdx.y) * outer * inner + o * inner + i] = s;
     }
@@ -260,25 +284,16 @@ __global__ void col_fwd_kernel(
     const int64_t o = t / per_outer;
     const int64_t i = (t % per_outer) * kTileX + threadIdx.x;
     const bool valid = i < inner;
-    const int64_t pos = o * inner + i;
-    const T* base = x + o * C * inner + i;
-    A ss;
-    if (partial == nullptr) {
-      ss = col_block_sum<A>(valid, 0, C, red, [&](int64_t c) {
-        const A a = static_cast<A>(base[c * inner]);
-        return a * a;
-      });
-    } else {
-      ss = valid ? sum_splits(partial, splits, outer * inner, pos) : A(0);
-    }
+    const int64_t pos = o * inner + i, off = o * C * inner + i;
+    const A ss = col_total<T>(valid, partial, splits, outer * inner, pos, C, red, x, nullptr,
+                              nullptr, off, inner);
     if (!valid) continue;  // no barrier below
     const A n = sqrt_acc(ss);
     if (blockIdx.y == 0 && threadIdx.y == 0) norm[pos] = n;
     const A r = inv_clamped(n, eps);
-    T* obase = out + o * C * inner + i;
     for (int64_t c = c0 + threadIdx.y; c < c1; c += kTileY) {
       const A wc = w != nullptr ? w[c] : A(1);
-      obase[c * inner] = static_cast<T>(static_cast<A>(base[c * inner]) * r * wc);
+      out[off + c * inner] = static_cast<T>(static_cast<A>(x[off + c * inner]) * r * wc);
     }
   }
 }
@@ -308,17 +323,9 @@ __global__ void col_bwd_kernel(
     const int64_t o = t / per_outer;
     const int64_t i = (t % per_outer) * kTileX + threadIdx.x;
     const bool valid = i < inner;
-    const int64_t off = o * C * inner + i;
-    const int64_t pos = o * inner + i;
-    A d;
-    if (partial == nullptr) {
-      d = col_block_sum<A>(valid, 0, C, red, [&](int64_t c) {
-        const A wc = w != nullptr ? w[c] : A(1);
-        return static_cast<A>(dy[off + c * inner]) * wc * static_cast<A>(x[off + c * inner]);
-      });
-    } else {
-      d = valid ? sum_splits(partial, splits, outer * inner, pos) : A(0);
-    }
+    const int64_t pos = o * inner + i, off = o * C * inner + i;
+    const A d = col_total<T>(valid, partial, splits, outer * inner, pos, C, red, x, dy, w, off,
+                             inner);
     if (!valid) continue;  // no barrier below
     const A n = norm[pos];
     const A r = inv_clamped(n, eps);

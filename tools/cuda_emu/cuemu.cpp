@@ -98,16 +98,20 @@ struct Fiber {
   State state;
 };
 
+// A static __shared__ declaration's storage, kept across blocks and poisoned
+// again at its first use in each block (epoch: the block it was poisoned for).
 struct SharedVar {
   const char* site;
   size_t type_hash;
   size_t bytes;
   std::unique_ptr<unsigned char[]> storage;
   void* ptr;
+  uint64_t epoch;
 };
 
 struct Runtime {
   std::vector<SharedVar> shared;
+  uint64_t block_epoch = 0;  // run_block calls so far
   std::vector<Fiber> fibers;
   char* stacks = nullptr;
   std::vector<char*> free_stacks;
@@ -194,7 +198,7 @@ std::vector<int64_t> run_order(int64_t n, uint64_t block_linear) {
 }
 
 void run_block(int64_t nthreads, const dim3& bd, uint64_t block_linear) {
-  rt.shared.clear();  // static shared memory is handed out afresh, poisoned
+  ++rt.block_epoch;  // static shared memory: poisoned at first use (shared_alloc)
   std::fill(rt.smem.begin(), rt.smem.end(), 0xff);
   rt.fibers.resize(nthreads);
   const int64_t nwarps = (nthreads + 31) / 32;
@@ -276,7 +280,7 @@ void run_grid(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t bx, 
     rt.stacks = static_cast<char*>(p);
     for (int64_t i = kMaxThreads - 1; i >= 0; --i) rt.free_stacks.push_back(rt.stacks + i * kStack);
   }
-  rt.smem.assign(static_cast<size_t>(smem) + 16, 0xff);  // poisoned: NaN-like bytes
+  rt.smem.resize(static_cast<size_t>(smem) + 16);  // poisoned by run_block
   rt.body = body;
   rt.arg = arg;
   rt.error.clear();
@@ -341,16 +345,27 @@ uint64_t shfl_xor(unsigned member_mask, uint64_t v, int lane_mask, int width) {
 int64_t launch_count() { return rt.launches; }
 
 void* shared_alloc(const char* site, size_t type_hash, size_t bytes, size_t align) {
+  SharedVar* var = nullptr;
   for (SharedVar& v : rt.shared) {
-    if (v.site == site && v.type_hash == type_hash) return v.ptr;
+    if (v.site == site && v.type_hash == type_hash) {
+      var = &v;
+      break;
+    }
   }
-  SharedVar v{site, type_hash, bytes, std::make_unique<unsigned char[]>(bytes + align), nullptr};
-  void* p = v.storage.get();
-  size_t space = bytes + align;
-  v.ptr = std::align(align, bytes, p, space);
-  std::memset(v.ptr, 0xff, bytes);
-  rt.shared.push_back(std::move(v));
-  return rt.shared.back().ptr;
+  if (var == nullptr) {
+    SharedVar v{site, type_hash, bytes, std::make_unique<unsigned char[]>(bytes + align),
+                nullptr, 0};
+    void* p = v.storage.get();
+    size_t space = bytes + align;
+    v.ptr = std::align(align, bytes, p, space);
+    rt.shared.push_back(std::move(v));
+    var = &rt.shared.back();
+  }
+  if (var->epoch != rt.block_epoch) {  // the block's first use: NaN bytes
+    std::memset(var->ptr, 0xff, var->bytes);
+    var->epoch = rt.block_epoch;
+  }
+  return var->ptr;
 }
 
 void* dynamic_smem() {

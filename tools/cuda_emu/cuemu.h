@@ -50,9 +50,9 @@ extern dim3 gridDim;
 #define __launch_bounds__(...)
 // Static shared memory: build.py rewrites `__shared__ T name[n];` as
 // `auto& name = ::cuemu::shared<T[n]>("site");`, storage that the runtime
-// hands out once per block and fills with 0xff bytes (NaN) first, so a read of
-// shared memory that no thread of the block wrote gives NaN rather than a
-// value an earlier block left.
+// keeps across blocks and fills with 0xff bytes (NaN) at its first use in each
+// block, so a read of shared memory that no thread of the block wrote gives
+// NaN rather than a value an earlier block left.
 #define __align__(n) alignas(n)
 #define __grid_constant__
 
@@ -75,7 +75,6 @@ T& shared(const char* site) {
 // Kernel launches run so far (tests check that an op went through here).
 int64_t launch_count();
 void check_aligned(const void* p, size_t bytes);
-
 
 struct Dims {
   int64_t x, y, z;

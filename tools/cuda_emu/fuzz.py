@@ -162,12 +162,12 @@ def check(rng, make, F, R):
             e = torch.zeros_like(o, dtype=torch.float64)
         if o is None:
             o = torch.zeros_like(e)
+        if torch.isnan(e).any():
+            continue
         scale = max(e.abs().max().item() if e.numel() else 1.0, 1e-3)
         if name != "out":  # gradients that cancel to ~0: rounding relative to dy
             scale = max(scale, 0.1 * go.abs().max().item())
         err = (o.double() - e).abs().nan_to_num(float("inf")).max().item() if e.numel() else 0.0
-        if torch.isnan(e).any():
-            continue
         if not err <= rel * scale:
             return f"{desc}: {name} error {err:.3g} > {rel * scale:.3g}"
     return None
