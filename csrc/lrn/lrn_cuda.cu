@@ -20,9 +20,11 @@
 // runs in place: one thread per element, its window over the R contiguous
 // channels of its position summed directly (LRN windows are a few channels;
 // the threads of a warp read neighbouring channels, so L1 serves the
-// overlapping reads; a non-finite value stays in its own window). The
-// backward is the same two kernels with t in a float32 buffer. channels_last
-// spatial_response_norm (windows up to kClSpatialMaxWindow) likewise sums
+// overlapping reads; a non-finite value stays in its own window). Windows
+// wider than kDirectWindow run as the planar kernels on a view with one
+// column (planar_cl). The in-place backward is the same two kernels with t
+// in a float32 buffer. channels_last spatial_response_norm (windows up to
+// kClSpatialMaxWindow) likewise sums
 // each element's size x size window of its channel directly (the threads of a
 // warp own neighbouring channels, so every access is coalesced).
 #include "lrn.h"
@@ -371,9 +373,32 @@ void cols_launch(const Params& p, const T* x, const at::opmath_type<T>* src,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// channels_last local_response_norm with a window wider than kDirectWindow
+// runs as the planar kernels with one column: (B, W, R) in memory is the
+// planar (B * W, R, 1), each thread walking the channels of a position with
+// the running float64 sum, so that the cost per element does not grow with
+// the window (cl_kernel sums each window afresh: size loads per element).
+// The loads of a warp's threads are R elements apart, not coalesced; the
+// lines they fetch serve the next steps of the same threads.
+bool planar_cl(const Params& p) {
+  return p.channels_last && !p.cols && p.lo + p.hi + 1 > kDirectWindow;
+}
+
+Params as_planar(const Params& p) {
+  Params q = p;
+  q.B = p.x.numel() / p.R;
+  q.W = 1;
+  q.channels_last = false;
+  return q;
+}
+
 template <typename T>
 void fwd_launch(const Params& p) {
   using A = at::opmath_type<T>;
+  if (planar_cl(p)) {
+    fwd_launch<T>(as_planar(p));
+    return;
+  }
   if (p.channels_last) {
     cl_launch<T, 0>(p, nullptr, p.out.mutable_data_ptr<T>());
     return;
@@ -399,6 +424,10 @@ void bwd_launch(const Params& p) {
   using A = at::opmath_type<T>;
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto acc_opts = p.x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  if (planar_cl(p)) {
+    bwd_launch<T>(as_planar(p));
+    return;
+  }
   if (p.channels_last) {  // t in a float32 buffer laid out as x
     at::Tensor tbuf = at::empty({p.x.numel()}, acc_opts);
     cl_launch<T, 1>(p, nullptr, tbuf.mutable_data_ptr<A>());
