@@ -79,22 +79,41 @@ def test_defect_is_an_error(name, message):
     assert out.startswith("ERROR") and message in out, out
 
 
-def _libasan():
+def _gcc_lib(name):
     try:
-        path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-@pytest.mark.skipif(_libasan() is None, reason="gcc's libasan.so not found")
+def _asan_env():
+    """The environment of `make test-emu-asan`: libasan first, then libstdc++
+    (so that ASan finds the real __cxa_throw at start-up)."""
+    libs = [_gcc_lib("libasan.so"), _gcc_lib("libstdc++.so")]
+    if None in libs:
+        return None
+    return {"CUEMU_ASAN": "1", "LD_PRELOAD": " ".join(libs), "ASAN_OPTIONS": "detect_leaks=0"}
+
+
+needs_asan = pytest.mark.skipif(_asan_env() is None, reason="gcc's libasan.so not found")
+
+
+@needs_asan
 def test_asan_build_reports_out_of_bounds_writes():
     """CUEMU_ASAN=1 (build.py) builds the emulator with AddressSanitizer: a
     kernel writing past the end of its tensor is reported."""
-    out = _run("out_of_bounds", extra_env={
-        "CUEMU_ASAN": "1", "LD_PRELOAD": _libasan(), "ASAN_OPTIONS": "detect_leaks=0"})
+    out = _run("out_of_bounds", extra_env=_asan_env())
     assert "heap-buffer-overflow" in out and "copy_kernel" in out, out[-2000:]
+
+
+@needs_asan
+def test_asan_build_lets_errors_through():
+    """Under ASan an op that raises (a C++ exception) raises in Python as
+    without it; with libasan preloaded alone the process ended there."""
+    out = _run("block_size", extra_env=_asan_env())
+    assert "ERROR" in out and "not a valid block" in out, out[-2000:]
 
 
 def test_aligned_vector_access_is_fine():

@@ -14,11 +14,13 @@ tensors: the CPU test suite then tests the CUDA kernels
 CUEMU_ASAN=1 builds it with AddressSanitizer (build/torchfuse_cuda_emu_asan), which
 then reports kernel reads and writes outside the tensors torch allocated:
 
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
-        CUEMU_ASAN=1 python tools/cuda_emu/fuzz.py --seconds 300
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+        ASAN_OPTIONS=detect_leaks=0 CUEMU_ASAN=1 python tools/cuda_emu/fuzz.py --seconds 300
 
-Not under pytest: there the process ended, with no report, at the first test whose
-op raised a C++ exception (seen here, not investigated).
+or the whole test suite: `make test-emu-asan`. libstdc++ must be preloaded with
+libasan: python does not load it, so ASan could not find the real __cxa_throw
+at start-up and the first C++ exception ended the process ("CHECK failed:
+asan_interceptors.cpp ... real___cxa_throw").
 """
 from __future__ import annotations
 
