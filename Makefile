@@ -43,7 +43,7 @@ test-cuda: build
 # The suite again with the CPU kernels replaced by the CUDA kernels, run on
 # the CPU by the emulator of tools/cuda_emu (their indexing, arithmetic and
 # barriers, not their speed). CUEMU_ORDER=reverse or shuffle<N> changes the
-# order a block's threads run in (forward by default).
+# order a block's threads and a grid's blocks run in (forward by default).
 test-emu: build
 	TORCHFUSE_CUDA_EMU=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 

@@ -59,6 +59,16 @@ def test_missing_barrier_changes_the_result():
     assert any(o != str(_expected_neighbour()) for o in outs.values()), outs
 
 
+def test_blocks_reading_each_others_writes_depend_on_the_order():
+    """Blocks run one after the other in the CUEMU_ORDER order too: a block
+    that reads what another block of the same launch writes (a race on a
+    GPU) gives a result that changes with the order."""
+    prefix = [float((b + 1) * (b + 2) // 2) for b in range(64)]
+    outs = {order: _run("cross_block", order) for order in ORDERS}
+    assert outs["forward"] == str(prefix), outs
+    assert any(o != str(prefix) for o in outs.values()), outs
+
+
 def test_unwritten_shared_memory_reads_nan():
     """Shared memory is filled with NaN bytes before every block: a read of
     what no thread of the block wrote gives NaN (here the second block reads

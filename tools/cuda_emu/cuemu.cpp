@@ -182,7 +182,14 @@ void arrive_and_wait(Barrier& b, int64_t members, uint32_t lane_bit) {
   while (b.gen == gen) yield_to_scheduler();  // never resumed after an error
 }
 
-std::vector<int64_t> run_order(int64_t n, uint64_t block_linear) {
+// 0 .. n - 1 in the order CUEMU_ORDER sets: forward, reverse, or shuffled
+// with a generator seeded by the shuffle's number and `salt`. Used for the
+// threads of a block (salt: the block) and for the blocks of a grid (salt:
+// ~0, so that the order differs from every block's), so that a kernel whose
+// blocks depend on each other's writes within one launch (a race on a GPU,
+// where blocks run in any order and at once) gives a different result under
+// some order.
+std::vector<int64_t> run_order(int64_t n, uint64_t salt) {
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   const char* env = std::getenv("CUEMU_ORDER");
@@ -191,7 +198,7 @@ std::vector<int64_t> run_order(int64_t n, uint64_t block_linear) {
     std::reverse(order.begin(), order.end());
   } else if (mode.rfind("shuffle", 0) == 0) {
     const uint64_t seed = mode.size() > 7 ? std::strtoull(mode.c_str() + 7, nullptr, 10) : 0;
-    std::mt19937_64 gen(seed * 1000003u + block_linear);
+    std::mt19937_64 gen(seed * 1000003u + salt);
     std::shuffle(order.begin(), order.end(), gen);
   }
   return order;
@@ -287,14 +294,11 @@ void run_grid(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t bx, 
   rt.in_kernel = true;
   gridDim = dim3(gx, gy, gz);
   blockDim = dim3(bx, by, bz);
-  for (int64_t z = 0; z < gz && rt.error.empty(); ++z) {
-    for (int64_t y = 0; y < gy && rt.error.empty(); ++y) {
-      for (int64_t x = 0; x < gx && rt.error.empty(); ++x) {
-        blockIdx = uint3{static_cast<unsigned>(x), static_cast<unsigned>(y),
-                         static_cast<unsigned>(z)};
-        run_block(nthreads, blockDim, static_cast<uint64_t>((z * gy + y) * gx + x));
-      }
-    }
+  for (const int64_t b : run_order(gx * gy * gz, ~uint64_t{0})) {
+    blockIdx = uint3{static_cast<unsigned>(b % gx), static_cast<unsigned>((b / gx) % gy),
+                     static_cast<unsigned>(b / (gx * gy))};
+    run_block(nthreads, blockDim, static_cast<uint64_t>(b));
+    if (!rt.error.empty()) break;
   }
   rt.in_kernel = false;
   if (!rt.error.empty()) {

@@ -7,7 +7,9 @@
 // one block at a time; __syncthreads and the warp shuffle are barriers among
 // the block's (the warp's) live threads, so threads run ahead to the next
 // barrier in the order set by CUEMU_ORDER (forward, reverse, or a seeded
-// shuffle), which turns a missing barrier into a wrong result. It checks the
+// shuffle), which turns a missing barrier into a wrong result; the blocks of
+// a grid run in that order too, which turns a read of another block's write
+// within the launch into a wrong result. It checks the
 // launch limits (grid.x < 2^31, grid.y/z <= 65535, <= 1024 threads a block,
 // <= 48 KiB dynamic shared memory), a shuffle that reads a lane which is not
 // taking part, 16-byte vector accesses (Vec loads) that are not aligned, and

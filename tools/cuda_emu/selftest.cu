@@ -48,6 +48,14 @@ __global__ void exited_lanes_kernel(float* out) {
   out[threadIdx.x] = warp_sum(static_cast<float>(threadIdx.x));
 }
 
+// Block b writes out[b] and then reads out[b - 1], which block b - 1 of the
+// same launch writes: right only when the blocks run in increasing order.
+__global__ void cross_block_kernel(float* out) {
+  const unsigned b = blockIdx.x;
+  out[b] = static_cast<float>(b) + 1.0f;
+  if (b > 0) out[b] += out[b - 1];
+}
+
 __global__ void copy_kernel(const float* in, float* out) {
   const auto v = load_vec<float, 4>(in);
   for (int k = 0; k < 4; ++k) out[threadIdx.x * 4 + k] = v.v[k];
@@ -66,6 +74,8 @@ at::Tensor run(const std::string& name) {
     divergent_shuffle_kernel<<<1, 64>>>(o);
   } else if (name == "exited_lanes") {
     exited_lanes_kernel<<<1, 32>>>(o);
+  } else if (name == "cross_block") {
+    cross_block_kernel<<<64, 1>>>(o);
   } else if (name == "grid_y") {
     copy_kernel<<<dim3(1, 70000), 1>>>(o, o + 4);
   } else if (name == "block_size") {
