@@ -35,6 +35,15 @@ if CUDA_EMU:
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         torch.ops.load_library(_cuda_emu_build.build())
 
+# Every tensor torch allocates without initialising it (torch.empty, and
+# at::empty in the kernels' C++: outputs, scratch and partial-sum buffers)
+# is filled with NaN (integers: their largest value), so a kernel that reads
+# an element nothing wrote, or leaves an output element unwritten, gives NaN
+# where the reference has a number: the tests' check of compute-sanitizer's
+# initcheck, on both the CPU kernels and (make test-emu) the CUDA ones.
+torch.use_deterministic_algorithms(True)
+torch.utils.deterministic.fill_uninitialized_memory = True
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(
