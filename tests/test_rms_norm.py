@@ -211,6 +211,21 @@ def test_statistics_in_float32(device, dtype):
     assert err <= 2 * torch.finfo(dtype).eps * ref.abs().max().item()
 
 
+def test_bfloat16_subnormal_and_nan_outputs_are_stored_exactly(device):
+    """Ones normalize to ones (eps 0), so y = weight exactly: subnormal
+    outputs keep their bits (the CPU's one-instruction float -> bfloat16
+    conversion on AVX512_BF16 flushes them to zero, cpu_vec.h), NaN stays
+    NaN, in full vectors and in the tail."""
+    w = torch.tensor([1e-39, -3e-39, 5e-40, 1.0, -2.0, 1e-38, 7e-45, -0.0] * 9 + [1e-39, 3.0],
+                     dtype=torch.bfloat16, device=device)
+    x = torch.ones(3, w.numel(), dtype=torch.bfloat16, device=device)
+    y = F.rms_norm(x, (w.numel(),), w, 0.0)
+    assert (w[:3] != 0).all() and torch.equal(y, w.expand_as(y))
+    w[5] = float("nan")
+    y = F.rms_norm(x, (w.numel(),), w, 0.0)
+    assert y[:, 5].isnan().all() and torch.equal(y[:, 6:], w[6:].expand(3, -1))
+
+
 def test_eps_semantics(device):
     for dtype in DTYPES:
         x = randn(4, 32, dtype=dtype, device=device)

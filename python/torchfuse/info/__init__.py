@@ -20,6 +20,11 @@ def _build_info() -> dict:
     return dict(BUILD_INFO)
 
 
+def _cpu_has_avx512_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private in torch 2.x
+    return bool(check()) if check is not None else False
+
+
 def info() -> dict:
     """Version, torch version, whether the extension loaded, CUDA build and
     architectures, CPU vector ISA, and for each op the devices with a kernel
@@ -38,6 +43,10 @@ def info() -> dict:
         "cuda_archs": build.get("cuda_archs"),
         "cpu_capability": build.get("cpu_capability"),
         "cpu_threads": build.get("cpu_threads"),
+        # AVX-512 builds convert float to bfloat16 with one instruction where
+        # the CPU has AVX512_BF16 (checked at load, csrc/common/cpu_vec.h).
+        "cpu_bf16_instruction": (build.get("cpu_capability") == "AVX512"
+                                 and _cpu_has_avx512_bf16()),
         "cuda_available": torch.cuda.is_available(),
         "strict": _ops.STRICT,
         "ops": {name: sorted(devs) for name, devs in sorted(_ops.KERNELS.items())},
@@ -56,7 +65,8 @@ def format_info(d: dict | None = None) -> str:
     lines.append(f"  CUDA kernels: {cuda}; GPU visible: {d['cuda_available']}")
     threads = {"openmp": f"OpenMP, {torch.get_num_threads()} threads",
                "single": "one thread (built without OpenMP)"}.get(d["cpu_threads"], "unknown")
-    lines.append(f"  CPU kernels: at::vec {d['cpu_capability']}; {threads}")
+    bf16 = " (bfloat16 stores: AVX512_BF16)" if d["cpu_bf16_instruction"] else ""
+    lines.append(f"  CPU kernels: at::vec {d['cpu_capability']}{bf16}; {threads}")
     lines.append("  ops (devices with a kernel; others use torchfuse.reference):")
     for name, devs in d["ops"].items():
         lines.append(f"    {name:<24} {', '.join(devs) or '-'}")
