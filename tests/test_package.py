@@ -113,3 +113,45 @@ def test_import_without_extension(tmp_path):
         capture_output=True, text=True, env={**env, "TORCHFUSE_STRICT": "1"},
     )
     assert strict.returncode != 0 and "TORCHFUSE_STRICT" in strict.stderr
+
+
+@pytest.mark.parametrize("built,cpu_has,loads", [
+    ("AVX512", {"AVX512", "AVX2"}, True),
+    ("AVX512", {"AVX2"}, False),
+    ("AVX2", {"AVX2"}, True),
+    ("AVX2", set(), False),
+    ("DEFAULT", set(), True),
+    (None, set(), True),
+])
+def test_isa_mismatch(built, cpu_has, loads):
+    why = _ops.isa_mismatch(built, cpu_has)
+    assert (why is None) == loads
+    if not loads:
+        assert built in why and "TORCHFUSE_CPU_CAPABILITY" in why
+
+
+def test_build_for_another_cpu_is_not_loaded():
+    """On a CPU without the vector ISA the CPU kernels were compiled for,
+    torchfuse does not load the extension (whose kernels would die of an
+    illegal instruction): it says why and falls back to the reference."""
+    built = torchfuse.info()["cpu_capability"]
+    if built not in ("AVX512", "AVX2"):
+        pytest.skip(f"built for {built}: runs on any CPU")
+    code = (
+        "import warnings, torch\n"
+        "torch.cpu._is_avx512_supported = lambda: False\n"
+        "torch.cpu._is_avx2_supported = lambda: False\n"
+        "import torchfuse\n"
+        "d = torchfuse.info()\n"
+        f"assert not d['extension_loaded'] and {built!r} in d['extension_error'], d\n"
+        "x = torch.randn(2, 8)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = torchfuse.functional.rms_norm(x, (8,))\n"
+        "assert any('illegal instruction' in str(m.message) for m in w)\n"
+        "torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (8,)))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -14,12 +14,50 @@ import warnings
 
 import torch
 
-EXTENSION_ERROR: str | None = None
+
+def isa_mismatch(built: str | None, cpu_has: set[str]) -> str | None:
+    """Why an extension whose CPU kernels were compiled for the vector ISA
+    `built` (setup.py: the build machine's best, AVX512, AVX2 or DEFAULT)
+    must not be loaded on a CPU with the ISAs `cpu_has`; None if it may.
+    Loaded there, its first CPU kernel (or already its load) would end the
+    process with an illegal instruction."""
+    if built in (None, "DEFAULT") or built in cpu_has:
+        return None
+    return (
+        f"torchfuse was built for {built} CPUs and this CPU does not have {built}: its "
+        "kernels would stop the process with an illegal instruction. Rebuild torchfuse "
+        "on this machine, or build it for such machines with "
+        "TORCHFUSE_CPU_CAPABILITY=AVX2 or DEFAULT"
+    )
+
+
+def _cpu_isas() -> set[str]:
+    """The vector ISAs of this CPU that torch checks for (as it picks its own
+    kernels); both assumed present where this torch cannot say."""
+    checks = {"AVX512": "_is_avx512_supported", "AVX2": "_is_avx2_supported"}
+    have = set()
+    for isa, fn in checks.items():
+        check = getattr(torch.cpu, fn, None)
+        if check is None or check():
+            have.add(isa)
+    return have
+
+
+def _built_isa() -> str | None:
+    try:
+        from .._build_info import BUILD_INFO
+    except ImportError:
+        return None
+    return BUILD_INFO.get("cpu_capability")
+
+
+EXTENSION_ERROR: str | None = isa_mismatch(_built_isa(), _cpu_isas())
 _C = None
-try:
-    from .. import _C  # loading it runs the op registrations
-except ImportError as e:  # missing, or built against another torch
-    EXTENSION_ERROR = f"{type(e).__name__}: {e}"
+if EXTENSION_ERROR is None:
+    try:
+        from .. import _C  # loading it runs the op registrations
+    except ImportError as e:  # missing, or built against another torch
+        EXTENSION_ERROR = f"{type(e).__name__}: {e}"
 
 STRICT = os.environ.get("TORCHFUSE_STRICT", "").lower() in ("1", "true", "yes", "on")
 
