@@ -25,6 +25,8 @@
 // the usual errors. torchfuse.functional uses them outside torch.compile.
 #ifdef TORCHFUSE_PYTHON_MODULE
 
+#include "common/cpu_vec.h"
+
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -516,7 +518,15 @@ extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "torchfuse compiled ops", -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  // Whether the CPU kernels' bfloat16 stores use AVX512_BF16 (cpu_vec.h).
+  if (m != nullptr &&
+      PyModule_AddObject(m, "cpu_bf16_instruction",
+                         PyBool_FromLong(torchfuse::cpu::bf16_instruction())) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 }
 

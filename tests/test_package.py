@@ -26,6 +26,10 @@ def test_info_reports_build_and_ops():
     assert d["version"] == torchfuse.__version__
     assert d["torch"] == torch.__version__
     assert d["extension_loaded"] is True, d["extension_error"]
+    # what the extension's stores do, as torch sees the CPU
+    expect_bf16 = (d["cpu_capability"] == "AVX512"
+                   and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    assert d["cpu_bf16_instruction"] == expect_bf16
     for op in ("rms_norm", "add_rms_norm", "rms_norm_backward"):
         assert "cpu" in d["ops"][op]
         if d["cuda_compiled"]:

@@ -44,20 +44,36 @@ namespace torchfuse::cpu {
 #define TORCHFUSE_HW_BF16 1
 inline const bool kHasAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
 
-// r = bfloat16 of (a, b) (a in the low half); false where ATen's path must
-// be taken instead.
-TF_ALWAYS_INLINE bool bf16_hw(const at::vec::Vectorized<float>& a,
-                              const at::vec::Vectorized<float>& b, __m512i& r) {
-  const __m512 lo = a, hi = b;
-  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // QNaN, denormal, SNaN
-  if (!kHasAvx512Bf16 || (_mm512_fpclass_ps_mask(lo, kNanOrDenormal) |
-                          _mm512_fpclass_ps_mask(hi, kNanOrDenormal)) != 0) {
-    return false;
-  }
-  asm("vcvtne2ps2bf16 %1, %2, %0" : "=v"(r) : "v"(lo), "v"(hi));
-  return true;
-}
 #endif
+
+// Whether bfloat16 stores take that instruction here (torchfuse.info()).
+inline bool bf16_instruction() {
+#ifdef TORCHFUSE_HW_BF16
+  return kHasAvx512Bf16;
+#else
+  return false;
+#endif
+}
+
+// (a, b) in T, a in the low half: ATen's conversion, or for bfloat16 the
+// instruction above where it gives the same bits.
+template <typename T>
+TF_ALWAYS_INLINE at::vec::Vectorized<T> to_reduced(const at::vec::Vectorized<float>& a,
+                                                   const at::vec::Vectorized<float>& b) {
+#ifdef TORCHFUSE_HW_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512 lo = a, hi = b;
+    constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // QNaN, denormal, SNaN
+    if (kHasAvx512Bf16 && (_mm512_fpclass_ps_mask(lo, kNanOrDenormal) |
+                           _mm512_fpclass_ps_mask(hi, kNanOrDenormal)) == 0) {
+      __m512i r;
+      asm("vcvtne2ps2bf16 %1, %2, %0" : "=v"(r) : "v"(lo), "v"(hi));
+      return at::vec::Vectorized<T>(r);
+    }
+  }
+#endif
+  return at::vec::convert_from_float<T>(a, b);
+}
 
 template <typename T>
 struct VecIO {
@@ -90,16 +106,7 @@ struct VecIO {
   }
   TF_ALWAYS_INLINE static void store(T* p, const AVec& a, const AVec& b) {
     if constexpr (kReduced) {
-#ifdef TORCHFUSE_HW_BF16
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        __m512i r;
-        if (bf16_hw(a, b, r)) {
-          _mm512_storeu_si512(p, r);
-          return;
-        }
-      }
-#endif
-      at::vec::convert_from_float<T>(a, b).store(p);
+      to_reduced<T>(a, b).store(p);
     } else {
       a.store(p);
       b.store(p + kSize);
@@ -109,7 +116,7 @@ struct VecIO {
     if (n == kStep) {
       store(p, a, b);
     } else if constexpr (kReduced) {
-      at::vec::convert_from_float<T>(a, b).store(p, n);
+      to_reduced<T>(a, b).store(p, n);
     } else {
       a.store(p, std::min(n, kSize));
       if (n > kSize) b.store(p + kSize, n - kSize);
@@ -118,16 +125,7 @@ struct VecIO {
   // Rounds a pair through T, as a store followed by a load would.
   TF_ALWAYS_INLINE static void round(AVec& a, AVec& b) {
     if constexpr (kReduced) {
-#ifdef TORCHFUSE_HW_BF16
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        __m512i r;
-        if (bf16_hw(a, b, r)) {
-          std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>(r));
-          return;
-        }
-      }
-#endif
-      std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
+      std::tie(a, b) = at::vec::convert_to_float<T>(to_reduced<T>(a, b));
     }
   }
 };

@@ -24,9 +24,9 @@
 // wider than kDirectWindow run as the planar kernels on a view with one
 // column (planar_cl). The in-place backward is the same two kernels with t
 // in a float32 buffer. channels_last spatial_response_norm (windows up to
-// kClSpatialMaxWindow) likewise sums
-// each element's size x size window of its channel directly (the threads of a
-// warp own neighbouring channels, so every access is coalesced).
+// kClSpatialMaxWindow) likewise sums each element's size x size window of
+// its channel directly (the threads of a warp own neighbouring channels, so
+// every access is coalesced).
 #include "lrn.h"
 
 #include "../common/cuda_utils.cuh"
@@ -421,13 +421,13 @@ void fwd_launch(const Params& p) {
 
 template <typename T>
 void bwd_launch(const Params& p) {
-  using A = at::opmath_type<T>;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const auto acc_opts = p.x.options().dtype(c10::CppTypeToScalarType<A>::value);
   if (planar_cl(p)) {
     bwd_launch<T>(as_planar(p));
     return;
   }
+  using A = at::opmath_type<T>;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto acc_opts = p.x.options().dtype(c10::CppTypeToScalarType<A>::value);
   if (p.channels_last) {  // t in a float32 buffer laid out as x
     at::Tensor tbuf = at::empty({p.x.numel()}, acc_opts);
     cl_launch<T, 1>(p, nullptr, tbuf.mutable_data_ptr<A>());

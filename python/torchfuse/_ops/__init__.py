@@ -43,15 +43,17 @@ def _cpu_isas() -> set[str]:
     return have
 
 
-def _built_isa() -> str | None:
+def _read_build_info() -> dict:
     try:
         from .._build_info import BUILD_INFO
     except ImportError:
-        return None
-    return BUILD_INFO.get("cpu_capability")
+        return {}
+    return dict(BUILD_INFO)
 
 
-EXTENSION_ERROR: str | None = isa_mismatch(_built_isa(), _cpu_isas())
+# What setup.py recorded of the build (torchfuse.info() reports it).
+BUILD_INFO: dict = _read_build_info()
+EXTENSION_ERROR: str | None = isa_mismatch(BUILD_INFO.get("cpu_capability"), _cpu_isas())
 _C = None
 if EXTENSION_ERROR is None:
     try:

@@ -12,26 +12,13 @@ from .. import _ops
 __all__ = ["info"]
 
 
-def _build_info() -> dict:
-    try:
-        from .._build_info import BUILD_INFO
-    except ImportError:
-        return {}
-    return dict(BUILD_INFO)
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private in torch 2.x
-    return bool(check()) if check is not None else False
-
-
 def info() -> dict:
     """Version, torch version, whether the extension loaded, CUDA build and
     architectures, CPU vector ISA, and for each op the devices with a kernel
     (others fall back to torchfuse.reference)."""
     from .. import __version__
 
-    build = _build_info()
+    build = _ops.BUILD_INFO
     return {
         "version": __version__,
         "torch": torch.__version__,
@@ -45,8 +32,7 @@ def info() -> dict:
         "cpu_threads": build.get("cpu_threads"),
         # AVX-512 builds convert float to bfloat16 with one instruction where
         # the CPU has AVX512_BF16 (checked at load, csrc/common/cpu_vec.h).
-        "cpu_bf16_instruction": (build.get("cpu_capability") == "AVX512"
-                                 and _cpu_has_avx512_bf16()),
+        "cpu_bf16_instruction": bool(getattr(_ops._C, "cpu_bf16_instruction", False)),
         "cuda_available": torch.cuda.is_available(),
         "strict": _ops.STRICT,
         "ops": {name: sorted(devs) for name, devs in sorted(_ops.KERNELS.items())},
