@@ -20,10 +20,21 @@
 // GCC 12 outlined VecIO<BFloat16>::store in group_norm's channels_last
 // elementwise kernel (seen in perf), and the call spilled the caller's
 // coefficient vectors to the stack (zeroed with rep stos on every step).
+//
+// TF_INLINE_LAMBDA, after a lambda's parameter list, does the same for the
+// lambdas the kernels pass to for_each_step and their local step helpers.
+// Without it GCC 12 decides per build: once the translation unit grew (a new
+// kernel in group_norm_cpu.cpp), it outlined the channels_last elementwise
+// step of the group_norm backward, whose coefficient arrays were then zeroed
+// on the stack (rep stos) on every step: that pass took twice as long
+// (float32 2x320x64x64 0.49 -> 1.0 ms, perf), and the build before it already
+// outlined that lambda for some types (nm lists them).
 #if defined(__GNUC__) || defined(__clang__)
 #define TF_ALWAYS_INLINE inline __attribute__((always_inline))
+#define TF_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define TF_ALWAYS_INLINE inline
+#define TF_INLINE_LAMBDA
 #endif
 
 namespace torchfuse::cpu {
@@ -157,7 +168,7 @@ struct AccIO {
 
 // Applies f(j, count) over [0, n) in steps of `step`, the last one partial.
 template <int64_t step, typename F>
-inline void for_each_step(int64_t n, const F& f) {
+TF_ALWAYS_INLINE void for_each_step(int64_t n, const F& f) {
   int64_t j = 0;
   for (; j + step <= n; j += step) f(j, step);
   if (j < n) f(j, n - j);
@@ -224,7 +235,7 @@ at::opmath_type<T> dot(const T* a, const T* b, int64_t n) {
     s2 = at::vec::fmadd(a2, b2, s2);
     s3 = at::vec::fmadd(a3, b3, s3);
   }
-  for_each_step<S>(n - j, [&](int64_t k, int64_t c) {
+  for_each_step<S>(n - j, [&](int64_t k, int64_t c) TF_INLINE_LAMBDA {
     AVec a0, a1, b0, b1;
     IO::load(a + j + k, c, a0, a1);
     IO::load(b + j + k, c, b0, b1);
@@ -243,7 +254,7 @@ at::opmath_type<T> dot(const T* a, const T* b, const at::opmath_type<T>* w, int6
   using A = at::opmath_type<T>;
   using AVec = typename IO::AVec;
   AVec s0(0), s1(0);
-  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     AVec a0, a1, b0, b1, w0, w1;
     IO::load(a + j, c, a0, a1);
     IO::load(b + j, c, b0, b1);
@@ -263,7 +274,7 @@ void scale_row(const T* src, T* out, int64_t n, at::opmath_type<T> r,
   using A = at::opmath_type<T>;
   using AVec = typename IO::AVec;
   const AVec vr(r);
-  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     AVec a, b;
     IO::load(src + j, c, a, b);
     a = a * vr;

@@ -130,7 +130,7 @@ std::pair<double, double> chunk_stats(const T* base, int64_t cnt) {
   using V = typename IO::AVec;
   constexpr int64_t kS = IO::kStep;
   V s0(0), s1(0);
-  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     V a, b;
     IO::load(base + j, c, a, b);
     s0 = s0 + a;
@@ -139,7 +139,7 @@ std::pair<double, double> chunk_stats(const T* base, int64_t cnt) {
   const A m0 = reduce_sum(s0 + s1) / static_cast<A>(cnt);
   const V vm(m0);
   V e0(0), e1(0), q0(0), q1(0);
-  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) {
+  for_each_step<kS>(cnt, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     V a, b;
     IO::load(base + j, c, a, b);
     a = a - vm;
@@ -195,7 +195,7 @@ void stats_kernel(const StatsParams& sp) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t ra = r0; ra < r1; ra += kRows) {
         const int64_t rb = std::min(r1, ra + kRows);
-        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V a, b, u(0), v(0), su, sv;
           for (int64_t r = ra; r < rb; ++r) {
             IO::load(xs + r * C + c0, c, a, b);
@@ -217,7 +217,7 @@ void stats_kernel(const StatsParams& sp) {
       std::fill(s2.begin(), s2.end(), A(0));
       for (int64_t ra = r0; ra < r1; ra += kRows) {
         const int64_t rb = std::min(r1, ra + kRows);
-        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V a, b, ma, mb, u(0), v(0), p(0), q(0), su, sv;
           AccIO<A>::load(mv.data() + c0, c, ma, mb);
           for (int64_t r = ra; r < rb; ++r) {
@@ -255,7 +255,7 @@ void plane_apply(const T* x, const T* dy, T* out, int64_t n,
                  const typename VecIO<T>::AVec* p) {
   using IO = VecIO<T>;
   using V = typename IO::AVec;
-  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     V x0, x1, d0(0), d1(0);
     IO::load(x + j, c, x0, x1);
     if constexpr (MODE == Mode::kBackward) IO::load(dy + j, c, d0, d1);
@@ -321,7 +321,7 @@ void plane_sums(const T* x, const T* dy, int64_t n, const typename VecIO<T>::AVe
   constexpr int NQ = num_sums(MODE);
   V acc0[NQ], acc1[NQ];
   for (int i = 0; i < NQ; ++i) acc0[i] = acc1[i] = V(0);
-  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) {
+  for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
     if constexpr (MODE == Mode::kGrad) {
       prefetch_step(x + j);
@@ -359,7 +359,7 @@ void pointwise_kernel(const PointwiseParams& pp) {
   T* out = pp.out.mutable_data_ptr<T>();
   const A* prm = pp.params.const_data_ptr<A>();
 
-  auto step = [&](int64_t off, int64_t c, const V* p0, const V* p1) {
+  auto step = [&](int64_t off, int64_t c, const V* p0, const V* p1) TF_INLINE_LAMBDA {
     if constexpr (KEPT) {
       dx_kept_step(x + off, gk + off, out + off, c, p0, p1);
       return;
@@ -402,7 +402,7 @@ void pointwise_kernel(const PointwiseParams& pp) {
   at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const A* pn = prm + (r / S) * C;
-      for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+      for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
         V p0[NP], p1[NP];
         for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
         step(r * C + c0, c, p0, p1);
@@ -472,7 +472,7 @@ void reduce_kernel(const ReduceParams& rp) {
       // row was 1.15-1.55x slower.
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t row = (n * S + s) * C;
-        for_each_step<kS>(C, [&](int64_t c0, int64_t c) {
+        for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V p0[NP], p1[NP], x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
           for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
           IO::load(x + row + c0, c, x0, x1);

@@ -241,7 +241,7 @@ void bwd_kernel(const BwdParams& p) {
       const bool pass = n >= eps;  // the clamp passes the gradient
       const A k = pass ? (pre ? rs * rs * d : rs * rs * rs * d) : A(0);
       const AVec vk(k), vg(pre ? A(1) : rs), vr(rs);
-      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+      for_each_step<S>(C, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
         AVec d0, d1, x0, x1;
         IO::load(dyr + j, c, d0, d1);
         IO::load(xr + j, c, x0, x1);
@@ -356,7 +356,7 @@ void scale_kernel(const ScaleParams& p) {
       const AVec vr(inv_clamped(nrow[i], eps));
       const T* s = src + i * O;
       T* d = dst + i * O;
-      for_each_step<S>(O, [&](int64_t j, int64_t c) {
+      for_each_step<S>(O, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
         AVec a0, a1, r0, r1;
         IO::load(s + j, c, a0, a1);
         AccIO<A>::load(rc + j, c, r0, r1);

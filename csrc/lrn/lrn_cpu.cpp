@@ -78,7 +78,7 @@ template <typename A>
 __attribute__((noinline)) void sum_rows(const A* q, int64_t ld, int64_t rows, int64_t m,
                                         A* acc) {
   using AVec = at::vec::Vectorized<A>;
-  for_each_step<AVec::size()>(m, [&](int64_t j, int64_t c) {
+  for_each_step<AVec::size()>(m, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
     AVec a = AVec::loadu(q + j, c);
     for (int64_t i = 1; i < rows; ++i) a = a + AVec::loadu(q + i * ld + j, c);
     a.store(acc + j, c);
@@ -165,7 +165,7 @@ void window_padded(const A* vp, A* dst, int64_t C, int64_t lo, int64_t hi, doubl
     window_cols(vp + lo, dst, C, lo, hi, prefix);
     return;
   }
-  for_each_step<K>(C, [&](int64_t c0, int64_t c) {
+  for_each_step<K>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
     AVec a = AVec::loadu(vp + c0, c);
     for (int64_t d = 1; d <= lo + hi; ++d) a = a + AVec::loadu(vp + c0 + d, c);
     a.store(dst + c0, c);
@@ -340,7 +340,7 @@ struct Kernel {
       A* tp = sum + ld;       // [hi zeros | t = dy * y / s | lo zeros]
       A* rb = tp + ld;        // s^-beta
       cl_window_sums(x, o, scratch, sum, prefix);
-      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+      for_each_step<S>(C, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
         AVec x0, x1, d0, d1, s0, s1;
         IO::load(x + o + j, c, x0, x1);
         IO::load(dy + o + j, c, d0, d1);
@@ -351,7 +351,7 @@ struct Kernel {
         AccIO<A>::store(tp + p.hi + j, d0 * x0 * r0 / s0, d1 * x1 * r1 / s1, c);
       });
       window_padded(tp, sum, C, p.hi, p.lo, prefix);  // reflected: [c - hi, c + lo]
-      for_each_step<S>(C, [&](int64_t j, int64_t c) {
+      for_each_step<S>(C, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
         AVec x0, x1, d0, d1, r0, r1, u0, u1;
         IO::load(x + o + j, c, x0, x1);
         IO::load(dy + o + j, c, d0, d1);
@@ -388,7 +388,7 @@ struct Kernel {
   void cl_window_w(const A* src, A* dst, int64_t mc, int64_t lo, int64_t hi) const {
     for (int64_t w = 0; w < p.W; ++w) {
       const int64_t j0 = std::max<int64_t>(0, w - lo), j1 = std::min(p.W - 1, w + hi);
-      for_each_step<AVec::size()>(mc, [&](int64_t j, int64_t c) {
+      for_each_step<AVec::size()>(mc, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
         AVec a = AVec::loadu(src + j0 * mc + j, c);
         for (int64_t i = j0 + 1; i <= j1; ++i) a = a + AVec::loadu(src + i * mc + j, c);
         a.store(dst + w * mc + j, c);
@@ -435,7 +435,7 @@ struct Kernel {
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t w = 0; w < W; ++w) {
           const int64_t o = cl_at(n, h, w, c0);
-          for_each_step<S>(mc, [&](int64_t j, int64_t c) {
+          for_each_step<S>(mc, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
             AVec x0, x1, s0, s1;
             cl_sum_rows(rs, i0, h, lo, hi, w, mc, j, c, s0, s1);
             IO::load(x + o + j, c, x0, x1);
@@ -472,7 +472,7 @@ struct Kernel {
         A* ri = i >= h0 && i < h1 ? rb + (i - h0) * W * mc : nullptr;
         for (int64_t w = 0; w < W; ++w) {
           const int64_t o = cl_at(n, i, w, c0);
-          for_each_step<S>(mc, [&](int64_t j, int64_t c) {
+          for_each_step<S>(mc, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
             AVec x0, x1, d0, d1, s0, s1;
             cl_sum_rows(rs, ri0, i, lo, hi, w, mc, j, c, s0, s1);
             IO::load(x + o + j, c, x0, x1);
@@ -489,7 +489,7 @@ struct Kernel {
         for (int64_t w = 0; w < W; ++w) {
           const int64_t o = cl_at(n, h, w, c0);
           const A* rr = rb + ((h - h0) * W + w) * mc;
-          for_each_step<S>(mc, [&](int64_t j, int64_t c) {
+          for_each_step<S>(mc, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
             AVec x0, x1, d0, d1, r0, r1, u0, u1;
             AccIO<A>::load(rr + j, c, r0, r1);
             cl_sum_rows(tr, ti0, h, hi, lo, w, mc, j, c, u0, u1);  // reflected rows
@@ -518,7 +518,7 @@ struct Kernel {
       window_rows(q, p.R, n, m, p.lo, p.hi, acc, prefix, [&](int64_t r, const A* s) {
         const T* xr = x + off + r * p.W;
         const T* dr = dy + off + r * p.W;
-        for_each_step<S>(m, [&](int64_t j, int64_t c) {
+        for_each_step<S>(m, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
           AVec x0, x1, d0, d1, s0, s1;
           IO::load(xr + j, c, x0, x1);
           IO::load(dr + j, c, d0, d1);
@@ -544,7 +544,7 @@ struct Kernel {
         const T* dr = dy + off + r * p.W;
         T* gr = dx + off + r * p.W;
         const A* rr = rb + r * n;
-        for_each_step<S>(m, [&](int64_t j, int64_t c) {
+        for_each_step<S>(m, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
           AVec x0, x1, d0, d1, r0, r1, u0, u1;
           IO::load(xr + j, c, x0, x1);
           IO::load(dr + j, c, d0, d1);

@@ -54,7 +54,7 @@ void fwd_cpu_kernel(const FwdParams& p) {
         T* s = summed + r * N;
         const T* q = res + r * N;
         AVec s0(0), s1(0);
-        for_each_step<S>(N, [&](int64_t j, int64_t c) {
+        for_each_step<S>(N, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
           AVec a, b, ra, rb;
           IO::load(src + j, c, a, b);
           IO::load(q + j, c, ra, rb);
@@ -101,7 +101,7 @@ void bwd_cpu_kernel(const BwdParams& p) {
     const AVec vrs(rs);
     const AVec vc(g_dot_x * rs * rs * rs / static_cast<A>(N));
     const T* dsr = ds != nullptr ? ds + r * N : nullptr;
-    for_each_step<S>(N, [&](int64_t j, int64_t c) {
+    for_each_step<S>(N, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
       AVec d0, d1, x0, x1;
       IO::load(dyr + j, c, d0, d1);
       IO::load(xr + j, c, x0, x1);
