@@ -20,6 +20,18 @@
 // 0.37 -> 1.6-2.5 ms):
 // runs of a few dozen bytes per row defeat the prefetchers, and row strides
 // that are multiples of 256 bytes map the rows to few cache sets.
+// Tried again on the 2-core Xeon (2 MiB L2 per core), 2026-12-04, with wide
+// blocks (whole groups, 64-byte multiples where they fit, scratch up to
+// 0.5-2 MiB per task) copied to a contiguous scratch, statistics and output
+// from there: forward float32 1.5-3x slower than these passes (2x320x64x64
+// 0.65 -> 1.06-1.41 ms, 8x256x56x56 1.6 -> 2.2-2.6). Even a whole sample per
+// task (2x1280x16x16, W = C, no copy) took 0.16-0.18 ms against 0.13: timed
+// per pass (rdtsc), its first pass alone read at about 23 GB/s per core, as
+// the statistics pass here does, and its output pass cost what the
+// elementwise pass here costs with its extra read of x, so the saved read was
+// hidden behind the stores. The gap to contiguous input is that second read
+// of x where a sample does not fit in L2 (2x320x64x64: the elementwise pass
+// 0.35 ms against 0.18 for the contiguous kernel's cache-resident one).
 #include "group_norm.h"
 
 #include "../common/cpu_vec.h"
