@@ -23,7 +23,7 @@
 // Tried again on the 2-core Xeon (2 MiB L2 per core), 2026-12-04, with wide
 // blocks (whole groups, 64-byte multiples where they fit, scratch up to
 // 0.5-2 MiB per task) copied to a contiguous scratch, statistics and output
-// from there: forward float32 1.5-3x slower than these passes (2x320x64x64
+// from there: forward float32 1.2-3x slower than these passes (2x320x64x64
 // 0.65 -> 1.06-1.41 ms, 8x256x56x56 1.6 -> 2.2-2.6). Even a whole sample per
 // task (2x1280x16x16, W = C, no copy) took 0.16-0.18 ms against 0.13: timed
 // per pass (rdtsc), its first pass alone read at about 23 GB/s per core, as
@@ -76,11 +76,11 @@ TF_ALWAYS_INLINE V act_fwd(const V& y) {
     // ATen's exp_u20 elsewhere (the exact exp for double). Written as torch's
     // silu, y / (1 + exp(-y)), so that -inf gives NaN and +inf gives inf as
     // there. The division stays: rcp14 + one Newton step (+ a fix-up for an
-    // infinite denominator) in its place made the bfloat16 SiLU forward 5-15%
-    // slower on the 2-core Xeon (2026-12-04, builds alternated 2x; 2x320x64x64
-    // 0.60-0.61 -> 0.67-0.70 ms contiguous): these passes are bound by the
-    // vector ports, and perf's samples right after vdivps are skid (cpu-clock
-    // sampling on this VM) rather than divider stalls.
+    // infinite denominator) in its place made the bfloat16 SiLU forward 4-17%
+    // slower on the 2-core Xeon, both layouts (2026-12-04, builds alternated
+    // 2x; 2x320x64x64 0.60-0.61 -> 0.67-0.70 ms contiguous). So the divider
+    // does not limit these passes, though perf (cpu-clock sampling only on
+    // this VM, which skids) put many samples right after vdivps.
     return y / (V(1) + cpu::exp_inline(y.neg()));
   } else {
     return y;
