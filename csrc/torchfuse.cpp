@@ -102,4 +102,29 @@ TORCH_LIBRARY(torchfuse, m) {
       "Tensor input_norm, Tensor weight_norm, float eps, bool bias_grad) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
+
+  // --- Gram matrices, style loss (csrc/gram) ----------------------------------
+  // out (N, C, C) = F F^T / (C L) (normalize) with F = input.reshape(N, C, L),
+  // in input's dtype; the GEMM accumulates in float32 (float64 for float64).
+  m.def("gram_matrix(Tensor input, bool normalize) -> Tensor", tags);
+  m.def(
+      "gram_matrix_backward(Tensor grad_out, Tensor input, bool normalize) "
+      "-> Tensor",
+      tags);
+  // mse_loss(gram_matrix(input, True), target_gram, reduction) with diff =
+  // gram - target_gram ((N, C, C), accumulate type) saved for the backward.
+  // loss: 0-dim in the accumulate type for "mean" / "sum", (N, C, C) in
+  // input's dtype for "none". target_gram: (C, C), (1, C, C) or (N, C, C).
+  m.def(
+      "style_loss(Tensor input, Tensor target_gram, str reduction) "
+      "-> (Tensor loss, Tensor diff)",
+      tags);
+  // grad_input / grad_target are empty tensors unless input_grad /
+  // target_grad; grad_target is (N, C, C) in the accumulate type (summed to
+  // target_gram's shape by the caller).
+  m.def(
+      "style_loss_backward(Tensor grad_loss, Tensor input, Tensor diff, "
+      "str reduction, bool input_grad, bool target_grad) "
+      "-> (Tensor grad_input, Tensor grad_target)",
+      tags);
 }

@@ -41,6 +41,8 @@ __all__ = [
     "l2_norm",
     "normalize",
     "cosine_linear",
+    "gram_matrix",
+    "style_loss",
 ]
 
 
@@ -355,3 +357,60 @@ def cosine_linear(
     if not use_kernel("cosine_linear", input.device):
         return reference.cosine_linear(input, weight, bias, eps)
     return call("cosine_linear", input, weight, bias, float(eps))[0]
+
+
+def _gram_input(input, fn: str) -> None:
+    check.tensor(input, fn, "input")
+    check.floating(input, fn)
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"{fn}: expected input of shape (N, C, *) with at least 2 dimensions, but got "
+            f"input of shape {list(input.shape)}")
+
+
+def gram_matrix(input: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Gram matrices (style transfer): ``(N, C, *) -> (N, C, C)``.
+
+    ``G[n] = F[n] @ F[n].T`` with ``F = input.reshape(N, C, L)``, divided by
+    ``C * L`` when ``normalize`` (``L = prod(input.shape[2:])``, 1 for 2-D
+    input). One GEMM (the platform BLAS / cuBLAS) with the scale applied inside
+    it, accumulating in float32 (float64 for float64); output in the input's
+    dtype. Contiguous and channels_last input are read in place. The
+    backward, ``dF = s (dG + dG^T) F``, is one GEMM where autograd's runs two.
+    """
+    _gram_input(input, "gram_matrix")
+    if not isinstance(normalize, bool):
+        raise TypeError(
+            f"gram_matrix(): argument 'normalize' must be bool, not {type(normalize).__name__}")
+    if not use_kernel("gram_matrix", input.device):
+        return reference.gram_matrix(input, normalize)
+    return call("gram_matrix", input, normalize)
+
+
+def style_loss(
+    input: torch.Tensor,
+    target_gram: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Gram-matrix style loss: ``mse_loss(gram_matrix(input),
+    target_gram.expand(N, C, C), reduction=reduction)``, fused.
+
+    ``input (N, C, *)``; ``target_gram (C, C)``, ``(1, C, C)`` or ``(N, C, C)``
+    (the style image's Gram matrix, usually a constant; its gradient is
+    computed when it requires one). The Gram matrices are computed as in
+    :func:`gram_matrix` and compared with the target in one pass; the 0-dim
+    result is float32 for float16/bfloat16 input, the input's dtype otherwise;
+    ``reduction="none"`` gives ``(N, C, C)`` in the input's dtype. The
+    backward is one symmetrizing pass and one GEMM.
+    """
+    _gram_input(input, "style_loss")
+    check.tensor(target_gram, "style_loss", "target_gram")
+    if not isinstance(reduction, str):
+        raise TypeError(
+            f"style_loss(): argument 'reduction' must be str, not {type(reduction).__name__}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"style_loss: {reduction} is not a valid value for reduction "
+                         "(expected 'mean', 'sum' or 'none')")
+    if not use_kernel("style_loss", input.device):
+        return reference.style_loss(input, target_gram, reduction)
+    return call("style_loss", input, target_gram, reduction)[0]

@@ -23,6 +23,8 @@ __all__ = [
     "SpatialResponseNorm",
     "L2Norm",
     "CosineLinear",
+    "GramMatrix",
+    "StyleLoss",
 ]
 
 
@@ -163,3 +165,41 @@ class CosineLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, eps={self.eps}")
+
+
+class GramMatrix(torch.nn.Module):
+    """``gram_matrix(input, normalize)``: ``(N, C, *) -> (N, C, C)``."""
+
+    def __init__(self, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.gram_matrix(input, self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
+
+
+class StyleLoss(torch.nn.Module):
+    """Gram-matrix style loss against a fixed target: ``forward(input)``
+    returns ``style_loss(input, target_gram, reduction)``. ``target_gram``
+    ``(C, C)`` or ``(N, C, C)`` is stored (detached) as the buffer
+    ``target_gram``, so it follows ``.to()`` and the ``state_dict``."""
+
+    def __init__(self, target_gram: torch.Tensor, reduction: str = "mean") -> None:
+        super().__init__()
+        if not isinstance(target_gram, torch.Tensor):
+            raise TypeError("StyleLoss(): argument 'target_gram' must be Tensor, not "
+                            f"{type(target_gram).__name__}")
+        if target_gram.dim() not in (2, 3) or target_gram.shape[-1] != target_gram.shape[-2]:
+            raise ValueError("StyleLoss(): expected target_gram of shape (C, C) or (N, C, C), "
+                             f"got {list(target_gram.shape)}")
+        self.register_buffer("target_gram", target_gram.detach().clone())
+        self.reduction = reduction
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.style_loss(input, self.target_gram, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.target_gram.shape[-1]}, reduction={self.reduction!r}"

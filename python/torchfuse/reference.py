@@ -8,6 +8,7 @@ and rounding once at the end, as the kernels do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "l2_norm",
     "normalize",
     "cosine_linear",
+    "gram_matrix",
+    "style_loss",
 ]
 
 
@@ -196,3 +199,31 @@ def cosine_linear(
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(input.dtype)
+
+
+def gram_matrix(input: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """F @ F^T per sample, F = input.reshape(N, C, -1), divided by C * L
+    (L = prod(input.shape[2:])) when normalize; (N, C, C) in input's dtype."""
+    n, c = input.shape[0], input.shape[1]
+    f = input.to(_acc(input.dtype)).reshape(n, c, math.prod(input.shape[2:]))
+    g = f @ f.transpose(1, 2)
+    if normalize:
+        g = g / (c * f.shape[2])
+    return g.to(input.dtype)
+
+
+def style_loss(input: torch.Tensor, target_gram: torch.Tensor,
+               reduction: str = "mean") -> torch.Tensor:
+    """mse_loss(gram_matrix(input), target_gram.expand(N, C, C), reduction),
+    computed in the accumulate type; the 0-dim result is float32 for
+    float16/bfloat16 input, the input's dtype otherwise; "none" gives
+    (N, C, C) in input's dtype."""
+    acc = _acc(input.dtype)
+    n, c = input.shape[0], input.shape[1]
+    f = input.to(acc).reshape(n, c, math.prod(input.shape[2:]))
+    g = f @ f.transpose(1, 2) / (c * f.shape[2])
+    d = g - target_gram.to(acc).expand(n, c, c)
+    e = d * d
+    if reduction == "none":
+        return e.to(input.dtype)
+    return e.mean() if reduction == "mean" else e.sum()
