@@ -346,10 +346,81 @@ def l2_norm_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------- Gram matrices / style
+# Neural style transfer on a 256 x 256 image: the Gram matrices of VGG-19's
+# relu1_1 .. relu5_1 features at batch 1 (Gatys et al.'s style layers), as
+# gram_matrix and as the style loss against a fixed target.
+VGG_STYLE = [("relu1_1", 64, 256), ("relu2_1", 128, 128), ("relu3_1", 256, 64),
+             ("relu4_1", 512, 32), ("relu5_1", 512, 16)]
+
+
+def _gram_inputs(C, HW, channels_last, target):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(1, C, HW, HW, generator=g).to(device, dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        d = {"x": x.requires_grad_()}
+        if target:
+            y = torch.randn(1, C, HW * HW, generator=g)
+            d["target"] = (y @ y.transpose(1, 2) / (C * HW * HW))[0].to(device)
+        return d
+
+    return make
+
+
+def _tf_gram(x):
+    return F.gram_matrix(x)
+
+
+def _eager_gram(x):  # what style-transfer code writes
+    n, c = x.shape[0], x.shape[1]
+    f = x.reshape(n, c, -1)
+    return torch.bmm(f, f.transpose(1, 2)) / (c * f.shape[2])
+
+
+def _tf_style(x, target):
+    return F.style_loss(x, target)
+
+
+def _eager_style(x, target):
+    g = _eager_gram(x)
+    return TF.mse_loss(g, target.to(g.dtype).expand_as(g))
+
+
+def gram_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for layer, C, HW in VGG_STYLE:
+            nx = C * HW * HW * _size(dtype)
+            ng = C * C * _size(dtype)
+            for op, tf, eager, target in (("gram_matrix", _tf_gram, _eager_gram, False),
+                                          ("style_loss", _tf_style, _eager_style, True)):
+                cases.append(Case(
+                    op=op, name=f"vgg19-{layer} 1x{C}x{HW}x{HW}", dtype=dtype,
+                    make_inputs=_gram_inputs(C, HW, False, target),
+                    torchfuse=tf, eager=eager, grad_inputs=("x",),
+                    # GEMM-bound: the bytes are those of reading x once (and
+                    # the C x C matrices), a floor far below the FLOPs' time
+                    bytes_fwd=nx + ng, bytes_bwd=2 * nx + ng,
+                ))
+        C, HW = 256, 64
+        nx = C * HW * HW * _size(dtype)
+        cases.append(Case(
+            op="style_loss", name=f"vgg19-relu3_1 1x{C}x{HW}x{HW}", dtype=dtype,
+            make_inputs=_gram_inputs(C, HW, True, True),
+            torchfuse=_tf_style, eager=_eager_style, grad_inputs=("x",),
+            bytes_fwd=nx + C * C * _size(dtype), bytes_bwd=2 * nx + C * C * _size(dtype),
+            tags={"layout": "channels_last"},
+        ))
+    return cases
+
+
 CASES: list[Case] = [
     *rms_norm_cases(),
     *group_norm_cases(),
     *channel_shuffle_cases(),
     *lrn_cases(),
     *l2_norm_cases(),
+    *gram_cases(),
 ]

@@ -75,12 +75,16 @@ void loss_kernel(const LossParams& p) {
 }
 
 // s[n, i, j] = w[n, i, j] + w[n, j, i], w = a * g; dtarget = -coef * w.
-// Rows of one sample in order per task: the column w[n, :, i] read for row
-// i sits in the cache lines row i + 1 reads next.
+// In kSymTile x kSymTile tiles, a task per (sample, row of tiles): the
+// transposed reads w[n, j, i] of a tile stay within kSymTile lines, reused
+// by the tile's next rows. Row by row over whole columns instead (C = 512:
+// 512 lines a row) ran 0.4 ms for one 512 x 512 matrix on the 2-core Xeon.
+constexpr int64_t kSymTile = 32;
+
 template <typename T, typename TA>
 void sym_kernel(const SymParams& p) {
   using A = at::opmath_type<T>;
-  const int64_t C = p.C, rows = p.N * C;
+  const int64_t C = p.C, tiles = (C + kSymTile - 1) / kSymTile;
   const TA* a = p.a.const_data_ptr<TA>();
   const A* g = p.g.defined() ? p.g.const_data_ptr<A>() : nullptr;
   const bool g_full = g != nullptr && p.g.dim() > 0;
@@ -91,13 +95,20 @@ void sym_kernel(const SymParams& p) {
   auto w = [&](int64_t idx) TF_INLINE_LAMBDA {
     return static_cast<A>(a[idx]) * (g_full ? g[idx] : g0);
   };
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / C, i = r - n * C, base = n * C * C;
-      for (int64_t j = 0; j < C; ++j) {
-        const A wij = w(r * C + j);
-        s[r * C + j] = static_cast<T>(wij + w(base + j * C + i));
-        if (dt != nullptr) dt[r * C + j] = -coef * wij;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / (kSymTile * C));
+  at::parallel_for(0, p.N * tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, i0 = (task - n * tiles) * kSymTile;
+      const int64_t i1 = std::min(C, i0 + kSymTile), base = n * C * C;
+      for (int64_t j0 = 0; j0 < C; j0 += kSymTile) {
+        const int64_t j1 = std::min(C, j0 + kSymTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const A wij = w(base + i * C + j);
+            s[base + i * C + j] = static_cast<T>(wij + w(base + j * C + i));
+            if (dt != nullptr) dt[base + i * C + j] = -coef * wij;
+          }
+        }
       }
     }
   });
