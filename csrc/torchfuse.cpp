@@ -56,6 +56,24 @@ TORCH_LIBRARY(torchfuse, m) {
       "-> Tensor[]",
       tags);
 
+  // --- 2-D convolution with a fused channel shuffle (csrc/conv) -------------
+  // input (N, C, H, W), weight (out, C / groups, kH, kW); stride and dilation
+  // of 1 or 2 ints; padding of 1, 2 or 4 ints (top, left, bottom, right).
+  // out (N, out, OH, OW) contiguous = channel_shuffle(conv2d(...),
+  // shuffle_groups), the shuffle applied in the GEMM's / kernel's stores.
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation, int groups, int shuffle_groups) -> Tensor",
+      tags);
+  // output_mask: which of (grad_input, grad_weight, grad_bias) to compute;
+  // the others are empty tensors. grad_bias is (out,) in weight's dtype.
+  m.def(
+      "conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, "
+      "int[] stride, int[] padding, int[] dilation, int groups, "
+      "int shuffle_groups, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      tags);
+
   // --- Local / spatial response norm (csrc/lrn) ----------------------------
   // Only input is saved; the backward recomputes the window sums.
   m.def(

@@ -133,7 +133,8 @@ def test_aligned_vector_access_is_fine():
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "group_norm", "local_response_norm",
-                                "spatial_response_norm", "l2_norm", "channel_shuffle"])
+                                "spatial_response_norm", "l2_norm", "channel_shuffle",
+                                "style_loss", "conv2d", "conv2d_depthwise"])
 def test_cuda_kernels_replace_the_cpu_ones(op):
     """Under TORCHFUSE_CUDA_EMU=1 each torchfuse op on CPU tensors runs the
     emulated CUDA kernels (so the rest of the suite tests them): every call
@@ -148,6 +149,9 @@ def test_cuda_kernels_replace_the_cpu_ones(op):
         "spatial_response_norm": lambda: F.spatial_response_norm(x, 3),
         "l2_norm": lambda: F.l2_norm(x, dim=1),
         "channel_shuffle": lambda: F.channel_shuffle(x, 2),
+        "style_loss": lambda: F.style_loss(x, torch.zeros(8, 8)),
+        "conv2d": lambda: F.conv2d(x, torch.randn(4, 4, 3, 3), None, 1, 1, 1, 2, 2),
+        "conv2d_depthwise": lambda: F.conv2d(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1, 8),
     }
     before = torch.ops.cuemu_selftest.launch_count()
     out = calls[op]()

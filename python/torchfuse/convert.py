@@ -11,6 +11,16 @@ import torch
 
 from . import nn as tfnn
 
+
+def _conv2d(module: torch.nn.Conv2d) -> torch.nn.Module | None:
+    """Dilated or grouped convolutions with zero padding (where torch's own
+    kernels are weakest); plain ones stay with torch (cuDNN / oneDNN)."""
+    dilated = any(d != 1 for d in module.dilation)
+    if module.padding_mode != "zeros" or not (dilated or module.groups > 1):
+        return None
+    return tfnn.Conv2d.from_torch(module)
+
+
 # torch module type -> function returning its torchfuse replacement (or None to
 # keep it). Exact types only: a user's subclass may override forward.
 CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module | None]] = {
@@ -18,6 +28,7 @@ CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module | None]] = {
     torch.nn.GroupNorm: tfnn.GroupNorm.from_torch,
     torch.nn.ChannelShuffle: tfnn.ChannelShuffle.from_torch,
     torch.nn.LocalResponseNorm: tfnn.LocalResponseNorm.from_torch,
+    torch.nn.Conv2d: _conv2d,
 }
 
 
@@ -27,7 +38,9 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
 
     Supported today: ``torch.nn.RMSNorm``, ``torch.nn.GroupNorm`` (activation
     None), ``torch.nn.ChannelShuffle``,
-    ``torch.nn.LocalResponseNorm``; torchvision's ShuffleNetV2
+    ``torch.nn.LocalResponseNorm``, ``torch.nn.Conv2d`` with zero padding that
+    is dilated or grouped (depthwise included; plain ones are left to torch),
+    torchvision's ShuffleNetV2
     ``InvertedResidual`` (cat + shuffle tail fused into ``cat_shuffle``) and SSD
     VGG L2 scale (``SSDFeatureExtractorVGG``: ``F.normalize(x) * scale_weight``
     becomes one fused ``l2_norm`` with the same parameter). Outputs and

@@ -34,6 +34,7 @@ __all__ = [
     "rms_norm",
     "add_rms_norm",
     "group_norm",
+    "conv2d",
     "channel_shuffle",
     "cat_shuffle",
     "local_response_norm",
@@ -158,6 +159,88 @@ def group_norm(
         "group_norm",
         input, int(num_groups), weight, bias, float(eps), activation or "none")[0]
 
+
+
+def _conv_pair(value, arg: str) -> list[int]:
+    """stride / padding / dilation as torch's parser takes them: an int or a
+    sequence of ints (its length checked by the op)."""
+    if isinstance(value, bool) or not isinstance(value, (int, Sequence, torch.Size)) or \
+            isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"conv2d(): argument '{arg}' must be tuple of ints, not {type(value).__name__}")
+    if isinstance(value, int):
+        return [value, value]
+    vals = check.int_list(value, "conv2d", arg)
+    if len(vals) not in (1, 2):
+        raise RuntimeError(
+            f"expected {arg} to be a single integer value or a list of 2 values to match "
+            f"the convolution dimensions, but got {arg}={vals}")
+    return [vals[0], vals[-1]]
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    shuffle_groups: int = 1,
+) -> torch.Tensor:
+    """2-D convolution (dilated, grouped, depthwise), optionally followed by a
+    channel shuffle that costs no memory pass.
+
+    Same contract as :func:`torch.nn.functional.conv2d` (int or pair
+    ``stride``/``padding``/``dilation``, ``padding="same"``/``"valid"``,
+    unbatched 3-D input); with ``shuffle_groups=g > 1`` the result equals
+    ``channel_shuffle(conv2d(...), g)``: the GEMM (or the depthwise kernel)
+    stores each output channel at its shuffled position. Floating inputs are
+    computed by torchfuse's kernels: im2col + the platform BLAS / cuBLAS GEMM
+    per group, or a direct kernel for depthwise convolutions (at most 8 outputs
+    per input channel); integer inputs, which torch's CPU convolution also
+    takes, go to torch. The output is contiguous, or channels_last for
+    channels_last input (as torch's).
+    """
+    check.tensor(input, "conv2d", "input")
+    check.tensor(weight, "conv2d", "weight")
+    check.tensor(bias, "conv2d", "bias", optional=True)
+    check.integer(groups, "conv2d", "groups")
+    check.integer(shuffle_groups, "conv2d", "shuffle_groups")
+    stride_ = _conv_pair(stride, "stride")
+    dilation_ = _conv_pair(dilation, "dilation")
+    if input.dim() not in (3, 4):
+        raise RuntimeError("Expected 3D (unbatched) or 4D (batched) input to conv2d, but got "
+                           f"input of size: {list(input.shape)}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = [0, 0, 0, 0]
+        elif padding == "same":
+            if stride_ != [1, 1]:
+                raise RuntimeError("padding='same' is not supported for strided convolutions")
+            if weight.dim() != 4:
+                raise RuntimeError("conv2d: expected weight of 4 dimensions (out_channels, "
+                                   f"in_channels / groups, kH, kW), but got weight of size "
+                                   f"{list(weight.shape)}")
+            # torch: total d (k - 1), the odd one at the end
+            th = dilation_[0] * (weight.shape[2] - 1)
+            tw = dilation_[1] * (weight.shape[3] - 1)
+            pad = [th // 2, tw // 2, th - th // 2, tw - tw // 2]
+        else:
+            raise RuntimeError(f"Invalid padding string: '{padding}'")
+    else:
+        pad = _conv_pair(padding, "padding")
+    if not input.is_floating_point() or not use_kernel("conv2d", input.device):
+        return reference.conv2d(input, weight, bias, stride, padding, dilation, groups,
+                                shuffle_groups)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    out = call("conv2d", x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
+    if unbatched:
+        return out.squeeze(0)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from . import functional as F
 __all__ = [
     "RMSNorm",
     "GroupNorm",
+    "Conv2d",
     "ChannelShuffle",
     "LocalResponseNorm",
     "SpatialResponseNorm",
@@ -74,6 +75,41 @@ class GroupNorm(_DropIn, torch.nn.GroupNorm):
     def extra_repr(self) -> str:
         base = super().extra_repr()
         return base if self.activation is None else f"{base}, activation={self.activation!r}"
+
+
+class Conv2d(_DropIn, torch.nn.Conv2d):
+    """:class:`torch.nn.Conv2d` computed by torchfuse's kernels, with an
+    optional ``shuffle_groups``: the output is then
+    ``channel_shuffle(conv(x), shuffle_groups)``, the shuffle fused into the
+    convolution's stores (ShuffleNet's group convolution + shuffle)."""
+
+    shuffle_groups: int = 1  # also the default for from_torch()
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None, shuffle_groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        if isinstance(shuffle_groups, bool) or not isinstance(shuffle_groups, int) or \
+                shuffle_groups <= 0 or out_channels % shuffle_groups != 0:
+            raise ValueError(
+                f"Conv2d: shuffle_groups must be a positive int dividing out_channels "
+                f"({out_channels}), got {shuffle_groups!r}")
+        self.shuffle_groups = shuffle_groups
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":  # as torch: pad first, then no padding
+            input = torch.nn.functional.pad(
+                input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return F.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                        self.groups, self.shuffle_groups)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return base if self.shuffle_groups == 1 else f"{base}, shuffle_groups={self.shuffle_groups}"
 
 
 class ChannelShuffle(_DropIn, torch.nn.ChannelShuffle):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "conv2d",
     "channel_shuffle",
     "cat_shuffle",
     "rms_norm",
@@ -110,6 +111,21 @@ def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:
     rest = input.shape[2:]
     out = input.reshape(n, groups, c // groups, *rest).transpose(1, 2)
     return out.reshape(input.shape)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+           shuffle_groups=1):
+    """channel_shuffle(torch.nn.functional.conv2d(...), shuffle_groups)."""
+    out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if shuffle_groups == 1:
+        return out
+    if shuffle_groups <= 0 or out.shape[-3] % shuffle_groups != 0:
+        raise RuntimeError(
+            f"conv2d: expected the number of output channels ({out.shape[-3]}) to be "
+            f"divisible by shuffle_groups ({shuffle_groups})")
+    if out.dim() == 3:
+        return channel_shuffle(out.unsqueeze(0), shuffle_groups).squeeze(0)
+    return channel_shuffle(out, shuffle_groups)
 
 
 def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:

@@ -219,6 +219,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # Registrations (after the helpers above, which they use).
 from . import (  # noqa: E402, F401
     channel_shuffle,
+    conv,
     gram,
     group_norm,
     l2_norm,

@@ -1,0 +1,400 @@
+// 2-D convolution with a fused channel shuffle: argument checks, geometry,
+// the GEMMs and buffers, shared by the CPU (conv_cpu.cpp) and CUDA
+// (conv_cuda.cu) kernels. Layout: NCHW (the input is made contiguous).
+//
+// General case (im2col + GEMM, as Caffe): for a chunk of nb samples, the
+// im2col launcher writes col (nb, groups * (Kg + aug), L), Kg = Cin/groups *
+// KH * KW, L = OH * OW; then per group one batched GEMM (at::baddbmm: the
+// platform BLAS / cuBLAS) writes out[n, c, :] = W[c] . col[n, group rows].
+// A 1x1 kernel with stride 1 and no padding skips im2col (col = input).
+//   bias: with im2col, each group's rows get one more row of ones (aug = 1,
+//   written once per buffer) and the weight one more column holding the
+//   bias, so the bias costs no pass over the output; without im2col the
+//   output is filled with the bias and the GEMM adds to it (beta = 1).
+//   shuffle: output channel c is stored at position pos(c) (conv.h). The
+//   channels of one group that fall in one shuffle group are stored every
+//   `shuffle` channels, so the GEMM writes them through a view with row
+//   stride shuffle * L: each group's GEMM is split at the shuffle groups'
+//   boundaries, and the shuffle costs no memory pass.
+// Depthwise (Cin/groups == 1, at most 8 outputs per group, groups > 1): the
+// direct kernels of the launchers, the shuffle in their index arithmetic.
+// Backward: grad_input = col2im(W^T dy) (same pieces, dy read through the
+// same strided views); grad_weight = sum over chunks of dy (Cout, nb L) .
+// col^T, accumulated in float32 (float64 for float64): im2col writes col
+// (Kg, nb, L) in that dtype and dy's chunk is copied into it;
+// grad_bias = dy summed over (N, OH, OW) in that dtype, un-shuffled.
+#include "conv.h"
+
+#include "../common/checks.h"
+
+#include <ATen/Functions.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace torchfuse::conv {
+
+namespace {
+
+constexpr const char* kOp = "conv2d";
+// Bytes of im2col buffer per chunk of samples (at least one sample).
+constexpr int64_t kColBudget = int64_t{32} << 20;
+
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* arg) {
+  TORCH_CHECK(
+      v.size() == 2 || v.size() == 1, kOp, ": expected ", arg,
+      " to be a single integer or a list of 2 integers, but got ", v);
+  return {v[0], v[v.size() - 1]};
+}
+
+Geometry geometry(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle) {
+  TORCH_CHECK(
+      input.dim() == 4, kOp, ": expected input of 4 dimensions (N, C, H, W), but got input "
+      "of size ", input.sizes());
+  TORCH_CHECK(
+      weight.dim() == 4, kOp, ": expected weight of 4 dimensions (out_channels, "
+      "in_channels / groups, kH, kW), but got weight of size ", weight.sizes());
+  TORCH_CHECK(groups > 0, kOp, ": non-positive groups is not supported (groups=", groups, ")");
+  const auto s = pair_arg(stride, "stride");
+  const auto d = pair_arg(dilation, "dilation");
+  TORCH_CHECK(s[0] > 0 && s[1] > 0, kOp, ": non-positive stride is not supported (stride=",
+              stride, ")");
+  TORCH_CHECK(d[0] > 0 && d[1] > 0, kOp, ": non-positive dilation is not supported (dilation=",
+              dilation, ")");
+  TORCH_CHECK(
+      padding.size() == 1 || padding.size() == 2 || padding.size() == 4, kOp,
+      ": expected padding to be a single integer, a list of 2 integers or a list of 4 "
+      "(top, left, bottom, right), but got ", padding);
+  for (auto p : padding) {
+    TORCH_CHECK(p >= 0, kOp, ": negative padding is not supported (padding=", padding, ")");
+  }
+  TORCH_CHECK(
+      input.numel() > 0 || input.size(0) == 0 || input.size(1) == 0, kOp,
+      ": only zero batch or zero channel inputs are supported, but got input of size ",
+      input.sizes());
+  Geometry g;
+  g.N = input.size(0);
+  g.Cin = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.Cout = weight.size(0);
+  g.KH = weight.size(2);
+  g.KW = weight.size(3);
+  g.sh = s[0];
+  g.sw = s[1];
+  g.dh = d[0];
+  g.dw = d[1];
+  if (padding.size() == 4) {
+    g.pt = padding[0];
+    g.pl = padding[1];
+    g.pb = padding[2];
+    g.pr = padding[3];
+  } else {
+    g.pt = g.pb = padding[0];
+    g.pl = g.pr = padding[padding.size() - 1];
+  }
+  g.groups = groups;
+  g.shuffle = shuffle;
+  TORCH_CHECK(
+      g.Cout % groups == 0, kOp, ": given groups=", groups, ", expected weight to be "
+      "divisible by ", groups, " at dimension 0, but got weight of size ", weight.sizes(),
+      " instead");
+  TORCH_CHECK(
+      weight.size(1) * groups == g.Cin, kOp, ": given groups=", groups, ", weight of size ",
+      weight.sizes(), ", expected input", input.sizes(), " to have ", weight.size(1) * groups,
+      " channels, but got ", g.Cin, " channels instead");
+  TORCH_CHECK(shuffle > 0, kOp, ": expected shuffle_groups to be positive, but got ", shuffle);
+  TORCH_CHECK(
+      g.Cout % shuffle == 0, kOp, ": expected the number of output channels (", g.Cout,
+      ") to be divisible by shuffle_groups (", shuffle, ")");
+  const int64_t ph = g.H + g.pt + g.pb, pw = g.W + g.pl + g.pr;
+  const int64_t eh = g.dh * (g.KH - 1) + 1, ew = g.dw * (g.KW - 1) + 1;
+  TORCH_CHECK(
+      ph >= eh && pw >= ew, kOp, ": calculated padded input size per channel: (", ph, " x ",
+      pw, "). Kernel size: (", eh, " x ", ew, "). Kernel size can't be greater than actual "
+      "input size (input of size ", input.sizes(), ", weight of size ", weight.sizes(), ")");
+  g.OH = (ph - eh) / g.sh + 1;
+  g.OW = (pw - ew) / g.sw + 1;
+  return g;
+}
+
+void check_tensors(const at::Tensor& input, const at::Tensor& weight) {
+  check_floating(input, kOp, "input");
+  check_same_device(weight, input, kOp, "weight");
+  check_same_dtype(weight, input, kOp, "weight");
+}
+
+bool is_depthwise(const Geometry& g) {
+  return g.groups > 1 && g.cin_g() == 1 && g.cout_g() <= 8;
+}
+
+bool is_direct(const Geometry& g) {
+  return g.KH == 1 && g.KW == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 &&
+      g.pb == 0 && g.pr == 0;
+}
+
+// Output rows [a, b) of one group that lie in one shuffle group: they are
+// stored from position pos(a) on, every `shuffle` channels.
+struct Piece {
+  int64_t group, a, b;
+};
+
+std::vector<Piece> pieces(const Geometry& g) {
+  std::vector<Piece> out;
+  const int64_t m = g.Cout / g.shuffle, K = g.cout_g();
+  for (int64_t gi = 0; gi < g.groups; ++gi) {
+    int64_t a = gi * K;
+    const int64_t end = (gi + 1) * K;
+    while (a < end) {
+      const int64_t b = g.shuffle == 1 ? end : std::min(end, (a / m + 1) * m);
+      out.push_back({gi, a, b});
+      a = b;
+    }
+  }
+  return out;
+}
+
+// Rows [a, b) of the (N, Cout, L) tensor t for samples [n0, n0 + nb), as
+// stored after the shuffle: (nb, b - a, L).
+at::Tensor rows_view(const at::Tensor& t, const Geometry& g, const Piece& p, int64_t n0,
+                     int64_t nb) {
+  const int64_t L = g.L();
+  return t.as_strided({nb, p.b - p.a, L}, {g.Cout * L, g.shuffle * L, 1},
+                      t.storage_offset() + (n0 * g.Cout + g.pos(p.a)) * L);
+}
+
+int64_t chunk_of(int64_t per_sample_bytes, int64_t N) {
+  return std::clamp<int64_t>(kColBudget / std::max<int64_t>(per_sample_bytes, 1), 1,
+                             std::max<int64_t>(N, 1));
+}
+
+// bias (Cout) -> grad in conv channel order, from sums in stored order.
+at::Tensor unshuffle(const at::Tensor& s, const Geometry& g) {
+  if (g.shuffle == 1) return s;
+  // stored position p = i * shuffle + j holds channel j * m + i
+  return s.view({g.Cout / g.shuffle, g.shuffle}).t().reshape({g.Cout});
+}
+
+}  // namespace
+
+at::Tensor forward(
+    const at::Tensor& input_,
+    const at::Tensor& weight_,
+    const std::optional<at::Tensor>& bias_,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle,
+    const Launchers& launch) {
+  check_tensors(input_, weight_);
+  const Geometry g = geometry(input_, weight_, stride, padding, dilation, groups, shuffle);
+  at::Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    bias = *bias_;
+    check_same_device(bias, input_, kOp, "bias");
+    check_same_dtype(bias, input_, kOp, "bias");
+    TORCH_CHECK(
+        bias.dim() == 1 && bias.size(0) == g.Cout, kOp, ": given weight of size ",
+        weight_.sizes(), ", expected bias to be 1-dimensional with ", g.Cout,
+        " elements, but got bias of size ", bias.sizes(), " instead");
+    bias = bias.contiguous();
+  }
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor weight = weight_.contiguous();
+  at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options());
+  if (out.numel() == 0) return out;
+
+  if (is_depthwise(g)) {
+    DepthwiseParams p;
+    p.x = input;
+    p.w = weight;
+    p.bias = bias;
+    p.out = out;
+    p.g = g;
+    launch.dw_forward(p);
+    return out;
+  }
+
+  const int64_t Kg = g.cin_g() * g.kk(), L = g.L();
+  const bool direct = is_direct(g);
+  const bool aug = bias.defined() && !direct;
+  const int64_t rowsg = Kg + (aug ? 1 : 0);
+  at::Tensor w2 = weight.view({g.Cout, Kg});
+  if (aug) w2 = at::cat({w2, bias.view({g.Cout, 1})}, 1);
+  if (bias.defined() && direct) {
+    // stored position i * shuffle + j holds channel j * m + i
+    out.view({g.N, g.Cout, L}).copy_(
+        bias.view({g.shuffle, g.Cout / g.shuffle}).t().reshape({1, g.Cout, 1}));
+  }
+  const std::vector<Piece> ps = pieces(g);
+  const double beta = bias.defined() && direct ? 1.0 : 0.0;
+
+  at::Tensor col;
+  int64_t nb = g.N;
+  if (!direct) {
+    nb = chunk_of(g.groups * rowsg * L * input.element_size(), g.N);
+    col = at::empty({nb, g.groups * rowsg, L}, input.options());
+    if (aug) col.view({nb, g.groups, rowsg, L}).select(2, Kg).fill_(1);
+  }
+  const at::Tensor x3 = input.view({g.N, g.Cin, g.H * g.W});
+  for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+    const int64_t cnt = std::min(nb, g.N - n0);
+    if (!direct) {
+      Im2colParams ip;
+      ip.x = input.narrow(0, n0, cnt);
+      ip.col = col;
+      ip.nb = cnt;
+      ip.ns = g.groups * rowsg * L;
+      ip.rs = L;
+      ip.extra = aug ? 1 : 0;
+      ip.g = g;
+      launch.im2col(ip);
+    }
+    for (const Piece& p : ps) {
+      at::Tensor o = rows_view(out, g, p, n0, cnt);
+      const at::Tensor c = direct ? x3.narrow(0, n0, cnt).narrow(1, p.group * Kg, Kg)
+                                  : col.narrow(0, 0, cnt).narrow(1, p.group * rowsg, rowsg);
+      const at::Tensor w = w2.narrow(0, p.a, p.b - p.a).unsqueeze(0).expand(
+          {cnt, p.b - p.a, rowsg});
+      o.baddbmm_(w, c, beta, 1.0);
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out_,
+    const at::Tensor& input_,
+    const at::Tensor& weight_,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle,
+    std::array<bool, 3> mask,
+    const Launchers& launch) {
+  check_tensors(input_, weight_);
+  const Geometry g = geometry(input_, weight_, stride, padding, dilation, groups, shuffle);
+  check_same_device(grad_out_, input_, "conv2d_backward", "grad_out");
+  check_same_dtype(grad_out_, input_, "conv2d_backward", "grad_out");
+  TORCH_CHECK(
+      grad_out_.dim() == 4 && grad_out_.size(0) == g.N && grad_out_.size(1) == g.Cout &&
+          grad_out_.size(2) == g.OH && grad_out_.size(3) == g.OW,
+      "conv2d_backward: expected grad_out of size [", g.N, ", ", g.Cout, ", ", g.OH, ", ",
+      g.OW, "], but got ", grad_out_.sizes());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor weight = weight_.contiguous();
+  const at::Tensor dy = grad_out_.contiguous();
+  const at::ScalarType acc = acc_type(input);
+  at::Tensor gx, gw, gb;
+  if (mask[2]) {
+    gb = unshuffle(dy.sum({0, 2, 3}, false, acc), g).to(weight.scalar_type());
+  } else {
+    gb = at::empty({0}, weight.options());
+  }
+  gx = mask[0] ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+  gw = mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  const bool empty = g.N == 0 || g.Cout == 0 || g.L() == 0;
+  if (mask[0] && gx.numel() > 0 && (empty || g.cin_g() == 0)) gx.zero_();
+  if (mask[1] && gw.numel() > 0 && (empty || g.N == 0)) gw.zero_();
+  if (empty || g.Cin == 0) return {gx, gw, gb};
+
+  if (is_depthwise(g)) {
+    DepthwiseParams p;
+    p.x = input;
+    p.w = weight;
+    p.dy = dy;
+    p.g = g;
+    if (mask[0]) {
+      p.dx = gx;
+      launch.dw_dinput(p);
+    }
+    if (mask[1]) {
+      p.dw = at::empty(weight.sizes(), weight.options().dtype(acc));
+      launch.dw_dweight(p);
+      gw.copy_(p.dw);
+    }
+    return {gx, gw, gb};
+  }
+
+  const int64_t Kg = g.cin_g() * g.kk(), L = g.L();
+  const bool direct = is_direct(g);
+  const std::vector<Piece> ps = pieces(g);
+  const at::Tensor w2 = weight.view({g.Cout, Kg});
+
+  if (mask[0]) {
+    const int64_t nb =
+        direct ? g.N : chunk_of(g.Cin * g.kk() * L * input.element_size(), g.N);
+    at::Tensor dcol =
+        direct ? gx.view({g.N, g.Cin, L}) : at::empty({nb, g.Cin * g.kk(), L}, input.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+      const int64_t cnt = std::min(nb, g.N - n0);
+      int64_t last_group = -1;
+      for (const Piece& p : ps) {
+        at::Tensor dc = (direct ? dcol.narrow(0, n0, cnt) : dcol.narrow(0, 0, cnt))
+                            .narrow(1, p.group * Kg, Kg);
+        const at::Tensor wt = w2.narrow(0, p.a, p.b - p.a).t().unsqueeze(0).expand(
+            {cnt, Kg, p.b - p.a});
+        const double beta = p.group == last_group ? 1.0 : 0.0;
+        dc.baddbmm_(wt, rows_view(dy, g, p, n0, cnt), beta, 1.0);
+        last_group = p.group;
+      }
+      if (!direct) {
+        Col2imParams cp;
+        cp.col = dcol;
+        cp.dx = gx.narrow(0, n0, cnt);
+        cp.nb = cnt;
+        cp.g = g;
+        launch.col2im(cp);
+      }
+    }
+  }
+
+  if (mask[1]) {
+    at::Tensor dw = at::zeros({g.Cout, Kg}, weight.options().dtype(acc));
+    const int64_t per_sample = (g.Cin * g.kk() + g.Cout) * L * at::elementSize(acc);
+    const int64_t nb = chunk_of(per_sample, g.N);
+    at::Tensor col = at::empty({g.Cin * g.kk(), nb, L}, input.options().dtype(acc));
+    at::Tensor dyb = at::empty({g.Cout, nb, L}, input.options().dtype(acc));
+    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+      const int64_t cnt = std::min(nb, g.N - n0);
+      // col rows r at r * (cnt L) + n * L: (Kg rows, cnt L columns) per group
+      at::Tensor colc = col.view({-1}).narrow(0, 0, g.Cin * g.kk() * cnt * L);
+      Im2colParams ip;
+      ip.x = input.narrow(0, n0, cnt);
+      ip.col = colc;
+      ip.nb = cnt;
+      ip.ns = L;
+      ip.rs = cnt * L;
+      ip.g = g;
+      launch.im2col(ip);
+      at::Tensor dyc = dyb.view({-1}).narrow(0, 0, g.Cout * cnt * L).view({g.Cout, cnt, L});
+      for (const Piece& p : ps) {
+        dyc.narrow(0, p.a, p.b - p.a).copy_(rows_view(dy, g, p, n0, cnt).transpose(0, 1));
+      }
+      const at::Tensor col2 = colc.view({g.Cin * g.kk(), cnt * L});
+      const at::Tensor dy2 = dyc.view({g.Cout, cnt * L});
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        const int64_t K = g.cout_g();
+        dw.narrow(0, gi * K, K).addmm_(
+            dy2.narrow(0, gi * K, K), col2.narrow(0, gi * Kg, Kg).t(), 1.0, 1.0);
+      }
+    }
+    gw.copy_(dw.view(weight.sizes()));
+  }
+  return {gx, gw, gb};
+}
+
+}  // namespace torchfuse::conv

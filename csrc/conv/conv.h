@@ -1,0 +1,135 @@
+// 2-D convolution (dilated, grouped, depthwise) with an optional channel
+// shuffle of its output fused into the stores: host-side logic shared by the
+// CPU and CUDA kernels.
+//
+// conv.cpp holds the op entry points (checks, geometry, the GEMMs through
+// ATen on strided views, buffers); the device files provide the launchers
+// below: the passes that are not GEMMs (im2col, col2im and the direct
+// depthwise kernels).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <tuple>
+
+namespace torchfuse::conv {
+
+// Shapes and hyper-parameters of one call. Padding is split into its
+// leading (pt, pl) and trailing (pb, pr) parts, so that padding="same" with
+// an even kernel (torch pads one more at the end) needs no padded copy.
+struct Geometry {
+  int64_t N = 0, Cin = 0, H = 0, W = 0;
+  int64_t Cout = 0, KH = 0, KW = 0, OH = 0, OW = 0;
+  int64_t sh = 1, sw = 1, pt = 0, pl = 0, pb = 0, pr = 0, dh = 1, dw = 1;
+  int64_t groups = 1, shuffle = 1;
+
+  int64_t cin_g() const { return Cin / groups; }
+  int64_t cout_g() const { return Cout / groups; }
+  int64_t L() const { return OH * OW; }
+  int64_t kk() const { return KH * KW; }
+  // Where output channel c of the convolution is stored: its position after
+  // channel_shuffle(., shuffle) (the identity for shuffle == 1).
+  int64_t pos(int64_t c) const {
+    const int64_t m = Cout / shuffle;
+    return (c % m) * shuffle + c / m;
+  }
+};
+
+// im2col for samples [0, nb) of x (nb, Cin, H, W) contiguous:
+//   col[n * ns + r * rs + l] = x[n, c, oh*sh - pt + i*dh, ow*sw - pl + j*dw]
+// (zero outside the image) with r = (c * KH + i) * KW + j, l = oh * OW + ow.
+// col's dtype is x's or the accumulate type (float32 / float64). With
+// extra = 1, each group's rows are followed by one row the launcher leaves
+// alone (the forward's row of ones for the bias): row r of channel c is
+// stored as row r + (c / (Cin / groups)) * extra.
+struct Im2colParams {
+  at::Tensor x, col;
+  int64_t nb = 0, ns = 0, rs = 0, extra = 0;
+  Geometry g;
+};
+
+// col2im, gather form (each input element sums its KH*KW window entries in a
+// fixed order: deterministic): dx[n, c, h, w] = sum over (i, j) with
+// h + pt - i*dh = oh*sh and w + pl - j*dw = ow*sw in range of
+// col[n, (c * KH + i) * KW + j, oh * OW + ow]. col (nb, Cin*KH*KW, L) and
+// dx (nb, Cin, H, W) contiguous, the same dtype.
+struct Col2imParams {
+  at::Tensor col, dx;
+  int64_t nb = 0;
+  Geometry g;
+};
+
+// Depthwise (groups == Cin, Cout = Cin * multiplier) direct kernels, float
+// accumulation; all tensors contiguous.
+//   forward:   out[n, pos(c), .] = bias[c] + sum_ij w[c, 0, i, j] x[n, c / mult, ...]
+//   dinput:    dx[n, ci, h, w] = sum over c of ci's outputs, (i, j) of
+//              w[c, 0, i, j] dy[n, pos(c), oh, ow]
+//   dweight:   dw[c, 0, i, j] = sum_n,oh,ow dy[n, pos(c), oh, ow] x[n, c / mult, ...]
+//              (dw in the accumulate type; a fixed summation order)
+struct DepthwiseParams {
+  at::Tensor x, w, bias, out;   // forward: x, w, bias (optional), out
+  at::Tensor dy, dx, dw;        // backward
+  Geometry g;
+};
+
+struct Launchers {
+  void (*im2col)(const Im2colParams&);
+  void (*col2im)(const Col2imParams&);
+  void (*dw_forward)(const DepthwiseParams&);
+  void (*dw_dinput)(const DepthwiseParams&);
+  void (*dw_dweight)(const DepthwiseParams&);
+};
+
+at::Tensor forward(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle_groups,
+    const Launchers& launch);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle_groups,
+    std::array<bool, 3> output_mask,
+    const Launchers& launch);
+
+template <const Launchers& L>
+at::Tensor conv2d_op(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle_groups) {
+  return forward(input, weight, bias, stride, padding, dilation, groups, shuffle_groups, L);
+}
+
+template <const Launchers& L>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_op(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shuffle_groups,
+    std::array<bool, 3> output_mask) {
+  return backward(grad_out, input, weight, stride, padding, dilation, groups, shuffle_groups,
+                  output_mask, L);
+}
+
+}  // namespace torchfuse::conv

@@ -1,0 +1,475 @@
+"""conv2d (dilated, grouped, depthwise, with a fused channel shuffle): forward
+and every gradient against the float64 reference for each kernel path (im2col
++ GEMM, the direct 1x1 path, the depthwise kernels), strides, dilations,
+asymmetric "same" padding, layouts, unbatched and zero-size input; gradcheck /
+gradgradcheck, opcheck, torch.compile, bad inputs like torch, the module and
+convert(), determinism, CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import torchfuse
+from torchfuse import functional as F
+from torchfuse import reference as R
+
+from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, randn
+
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, shuffle)
+CASES = [
+    # im2col + GEMM, groups = 1: odd sizes, stride, dilation, rectangular kernel
+    (2, 5, 9, 7, 6, 3, 1, 1, 1, 1, 1),
+    (2, 5, 9, 7, 6, (2, 3), (2, 1), (1, 0), (1, 2), 1, 1),
+    (1, 3, 12, 11, 4, 3, 1, 4, 4, 1, 2),  # DeepLab-like atrous, shuffled
+    # grouped (ResNeXt, ShuffleNet v1), the shuffle's groups equal to or
+    # different from the convolution's
+    (2, 8, 6, 5, 12, 3, 2, 1, 1, 4, 1),
+    (2, 12, 5, 6, 12, 3, 1, 1, 1, 3, 3),
+    (2, 12, 5, 6, 24, 3, 1, 2, 2, 3, 4),
+    # 1x1, stride 1, no padding: the GEMM reads the input (no im2col)
+    (3, 12, 6, 6, 12, 1, 1, 0, 1, 3, 3),
+    (3, 12, 4, 7, 8, 1, 1, 0, 1, 1, 2),
+    (2, 6, 5, 5, 6, 1, 2, 0, 1, 2, 1),  # 1x1 strided: im2col again
+    # depthwise (multiplier 1, 2 and 8) and past the direct kernel (16)
+    (2, 8, 9, 7, 8, 3, 1, 1, 1, 8, 1),
+    (2, 6, 10, 9, 6, 3, 2, 1, 1, 6, 2),
+    (2, 4, 8, 8, 8, 5, 1, 2, 1, 4, 1),
+    (1, 3, 11, 10, 24, 3, 1, 2, 2, 3, 3),
+    (1, 2, 6, 6, 32, 3, 1, 1, 1, 2, 1),
+    (1, 4, 7, 7, 4, (1, 7), 1, (0, 3), 1, 4, 1),
+    # asymmetric "same" (even kernel, odd total padding) and "valid"
+    (2, 6, 7, 8, 9, (2, 4), 1, "same", 1, 3, 3),
+    (2, 4, 7, 8, 4, 4, 1, "same", (1, 3), 4, 1),
+    (2, 4, 7, 8, 6, 3, 1, "valid", 2, 2, 1),
+]
+
+
+def _id(c):
+    n, ci, h, w, co, k, s, p, d, g, sg = c
+    return f"{n}x{ci}x{h}x{w}-o{co}-k{k}-s{s}-p{p}-d{d}-g{g}-sh{sg}".replace(" ", "")
+
+
+def _kpair(k):
+    return (k, k) if isinstance(k, int) else tuple(k)
+
+
+def _tensors(case, dtype, device, bias=True, layout="contiguous"):
+    n, ci, h, w, co, k, *_rest = case
+    g = case[9]
+    x = randn(n, ci, h, w, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider tensor
+        x = randn(n, ci, h, 2 * w, dtype=dtype, device=device)[..., ::2]
+    wt = randn(co, ci // g, *_kpair(k), dtype=dtype, device=device, scale=0.5)
+    b = randn(co, dtype=dtype, device=device) if bias else None
+    return [t.requires_grad_() if t is not None else None for t in (x, wt, b)]
+
+
+def _args(case):
+    *_shape, s, p, d, g, sg = case
+    return dict(stride=s, padding=p, dilation=d, groups=g, shuffle_groups=sg)
+
+
+def _torch_conv(x, w, b, stride, padding, dilation, groups, shuffle_groups):
+    """What users write in eager torch: the convolution, then the shuffle."""
+    y = TF.conv2d(x, w, b, stride, padding, dilation, groups)
+    return TF.channel_shuffle(y, shuffle_groups) if shuffle_groups > 1 else y
+
+
+def _run(fn, inputs, go):
+    out = fn(*inputs)
+    wrt = [t for t in inputs if t is not None]
+    return (out, *torch.autograd.grad(out, wrt, go))
+
+
+def _leaf(t, dtype=None):
+    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+
+
+def _check_case(case, dtype, device, bias=True, layout="contiguous"):
+    args = _args(case)
+    x, w, b = _tensors(case, dtype, device, bias, layout)
+    ours_out = F.conv2d(x, w, b, **args)
+    go = randn(*ours_out.shape, dtype=dtype, device=device)
+    ours = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
+    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    ref = _run(lambda *t: R.conv2d(*t, **args), l64, go.double())
+    theirs = None
+    if dtype in (torch.float16, torch.bfloat16):
+        lt = [_leaf(t) for t in (x, w, b)]
+        theirs = _run(lambda *t: _torch_conv(*t, **args), lt, go)
+    names = ("out", "grad_input", "grad_weight", "grad_bias")
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        assert o.dtype == dtype, names[i]
+        assert_close_to_ref(o, r, dtype, None if theirs is None else theirs[i], name=names[i])
+    return ours
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv2d_matches_reference(device, dtype, case):
+    _check_case(case, dtype, device)
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=[_id(c) for c in CASES[::3]])
+def test_conv2d_no_bias_float64(device, case):
+    _check_case(case, torch.float64, device, bias=False)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("case", [CASES[4], CASES[6], CASES[10]],
+                         ids=[_id(c) for c in (CASES[4], CASES[6], CASES[10])])
+def test_conv2d_layouts(device, layout, case):
+    x = _tensors(case, torch.float32, device, layout=layout)[0]
+    out, gx = _check_case(case, torch.float32, device, layout=layout)[:2]
+    if layout == "channels_last":  # as torch: channels_last in, channels_last out
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert gx.shape == x.shape
+
+
+def test_conv2d_unbatched(device):
+    x = randn(6, 7, 8, device=device, requires_grad=True)
+    w = randn(9, 2, 3, 3, device=device, requires_grad=True)
+    out = F.conv2d(x, w, None, 1, 1, 1, 3, 3)
+    ref = R.conv2d(x.double(), w.double(), None, 1, 1, 1, 3, 3)
+    assert out.shape == (9, 7, 8)
+    assert_close_to_ref(out, ref, torch.float32)
+    gx, gw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert gx.shape == x.shape and gw.shape == w.shape
+
+
+def test_conv2d_large_batch_is_chunked(device):
+    """More im2col columns than one chunk's buffer holds (32 MB): the samples
+    go through the GEMMs in several chunks, forward and backward."""
+    case = (10, 64, 40, 40, 64, 3, 1, 1, 1, 2, 2)  # 10 x 64*9 x 1600 floats: 37 MB
+    x, w, b = _tensors(case, torch.float32, device)
+    args = _args(case)
+    out = F.conv2d(x, w, b, **args)
+    go = randn(*out.shape, device=device)
+    ours = (out, *torch.autograd.grad(out, (x, w, b), go))
+    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    ref = _run(lambda *t: R.conv2d(*t, **args), l64, go.double())
+    for o, r, name in zip(ours, ref, ("out", "grad_input", "grad_weight", "grad_bias")):
+        assert_close_to_ref(o, r, torch.float32, name=name)
+
+
+def test_conv2d_zero_input_channels(device):
+    # an empty sum: the output is the bias (torch returns a (2, 0, 5, 5)
+    # tensor here, whatever the weight's output channels)
+    x = randn(2, 0, 5, 5, device=device, requires_grad=True)
+    w = randn(6, 0, 3, 3, device=device, requires_grad=True)
+    b = randn(6, device=device, requires_grad=True)
+    out = F.conv2d(x, w, b, padding=1, shuffle_groups=2)
+    assert torch.equal(out, TF.channel_shuffle(b.detach().view(1, 6, 1, 1), 2).expand(2, 6, 5, 5))
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    assert gx.shape == x.shape and gw.shape == w.shape
+    assert torch.equal(gb, torch.full((6,), 50.0, device=device))
+
+
+def test_conv2d_zero_sizes(device):
+    for shape, wshape, groups in [((0, 4, 5, 5), (6, 2, 3, 3), 2),
+                                  ((0, 4, 5, 5), (4, 1, 3, 3), 4)]:
+        x = randn(*shape, device=device, requires_grad=True)
+        w = randn(*wshape, device=device, requires_grad=True)
+        b = randn(wshape[0], device=device, requires_grad=True)
+        out = F.conv2d(x, w, b, padding=1, groups=groups)
+        expected = TF.conv2d(x, w, b, padding=1, groups=groups)
+        torch.testing.assert_close(out, expected)
+        go = randn(*out.shape, device=device)
+        grads = torch.autograd.grad(out, (x, w, b), go)
+        for g, e in zip(grads, torch.autograd.grad(expected, (x, w, b), go)):
+            torch.testing.assert_close(g, e)
+
+
+def test_conv2d_integer_input_goes_to_torch():
+    # torch's CPU convolution takes integer tensors; so does conv2d
+    x = torch.randint(-3, 4, (1, 4, 5, 5))
+    w = torch.randint(-2, 3, (4, 2, 3, 3))
+    out = F.conv2d(x, w, groups=2, shuffle_groups=2)
+    assert out.dtype == torch.int64
+    assert torch.equal(out, TF.channel_shuffle(TF.conv2d(x, w, groups=2), 2))
+
+
+def test_conv2d_float16_range(device):
+    """A 1x1 grouped conv whose products overflow nothing but whose sum of
+    96 terms is near 3e4: the GEMM accumulates in float32 and the result is
+    as accurate as float16 stores it."""
+    x = randn(2, 96, 4, 4, dtype=torch.float16, device=device, scale=2.0, shift=14.0)
+    w = torch.full((32, 96, 1, 1), 1.5, dtype=torch.float16, device=device)
+    w = torch.cat([w, w], 0)
+    out = F.conv2d(x, w, shuffle_groups=2)
+    assert torch.isfinite(out).all()
+    ref = R.conv2d(x.double(), w.double(), shuffle_groups=2)
+    err = ((out.double() - ref).abs() / ref.abs()).max().item()
+    assert err <= torch.finfo(torch.float16).eps, f"relative error {err:.3g}"
+
+
+# -------------------------------------------------------------------- autograd
+GRADCHECK = [
+    (2, 4, 5, 4, 6, 3, 1, 1, 1, 2, 3),
+    (1, 4, 6, 5, 8, 3, 2, 2, 2, 4, 2),  # depthwise, multiplier 2
+    (2, 6, 3, 4, 4, 1, 1, 0, 1, 2, 2),  # direct 1x1
+    (1, 3, 5, 6, 4, (2, 3), 1, "same", 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK, ids=[_id(c) for c in GRADCHECK])
+def test_gradcheck(device, case):
+    x, w, b = _tensors(case, torch.float64, device)
+    args = _args(case)
+
+    def fn(*t):
+        return F.conv2d(*t, **args)
+
+    torch.autograd.gradcheck(fn, (x, w, b))
+    torch.autograd.gradgradcheck(fn, (x, w, b))
+    xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.autograd.gradcheck(fn, (xc, w, None))
+
+
+def test_double_backward_matches_reference(device):
+    case = (2, 6, 5, 5, 6, 3, 1, 1, 2, 3, 2)
+    x, w, b = _tensors(case, torch.float32, device)
+    args = _args(case)
+
+    def second(fn, *t):
+        out = fn(*t, **args)
+        firsts = torch.autograd.grad(out.pow(2).sum(), t, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in firsts), t)
+
+    ours = second(F.conv2d, x, w, b)
+    ref = second(R.conv2d, *[_leaf(t, torch.float64) for t in (x, w, b)])
+    for o, r, name in zip(ours, ref, ("ggx", "ggw", "ggb")):
+        assert_close_to_ref(o, r, torch.float32, name=name)
+
+
+def _opcheck_samples(device):
+    ops = torch.ops.torchfuse
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for case in (GRADCHECK[0], GRADCHECK[1], GRADCHECK[2]):
+            x, w, b = _tensors(case, dtype, device)
+            s, p, d, g, sg = case[6:]
+            p4 = [p, p, p, p]
+            yield ops.conv2d.default, (x, w, b, [s, s], p4, [d, d], g, sg)
+            yield ops.conv2d.default, (x, w, None, [s], [p], [d], g, sg)
+            out = ops.conv2d(x.detach(), w.detach(), None, [s, s], p4, [d, d], g, sg)
+            go = randn(*out.shape, dtype=dtype, device=device)
+            for mask in ([True, True, True], [True, False, False], [False, True, True]):
+                yield ops.conv2d_backward.default, (go, x.detach(), w.detach(), [s, s], p4,
+                                                    [d, d], g, sg, mask)
+
+
+def test_opcheck(device):
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def block(x, w1, w2):
+        y = F.conv2d(x, w1, None, 1, 1, 1, 4, 2)
+        return F.conv2d(torch.relu(y), w2, None, 1, "same", 2, 2)
+
+    x = randn(2, 4, 6, 6, device=device, requires_grad=True)
+    w1 = randn(8, 1, 3, 3, device=device, requires_grad=True)
+    w2 = randn(6, 4, 3, 3, device=device, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w1, w2)
+    grads = torch.autograd.grad(out.sum(), (x, w1, w2))
+    out_e = block(x, w1, w2)
+    grads_e = torch.autograd.grad(out_e.sum(), (x, w1, w2))
+    torch.testing.assert_close(out, out_e)
+    for g, e in zip(grads, grads_e):
+        torch.testing.assert_close(g, e)
+
+
+def test_compile_inductor(device):
+    torch._dynamo.reset()
+    m = torchfuse.nn.Conv2d(6, 12, 3, padding=2, dilation=2, groups=3, shuffle_groups=3)
+    m = m.to(device)
+    compiled = torch.compile(m, fullgraph=True)
+    x = randn(2, 6, 7, 7, device=device).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x))
+
+
+# ------------------------------------------------------------------- bad input
+def _bad_cases(device):
+    x = randn(2, 4, 6, 6, device=device)
+    w = randn(6, 2, 3, 3, device=device)
+    b = randn(6, device=device)
+    return [
+        ("groups", (x, w, b), dict(groups=0)),
+        ("groups", (x, w, b), dict(groups=-2)),
+        ("channels", (x, w, b), dict(groups=3)),
+        ("channels", (x, randn(6, 3, 3, 3, device=device), b), dict()),
+        ("divisible", (x, randn(5, 2, 3, 3, device=device), None), dict(groups=2)),
+        ("stride", (x, w, b), dict(groups=2, stride=0)),
+        ("stride", (x, w, b), dict(groups=2, stride=(1, 1, 1))),
+        ("padding", (x, w, b), dict(groups=2, padding=-1)),
+        ("padding", (x, w, b), dict(groups=2, padding="same", stride=2)),
+        ("padding", (x, w, b), dict(groups=2, padding="full")),
+        ("dilation", (x, w, b), dict(groups=2, dilation=0)),
+        ("bias", (x, w, randn(5, device=device)), dict(groups=2)),
+        ("bias", (x, w, randn(6, 1, device=device)), dict(groups=2)),
+        ("input", (randn(4, 6, device=device), w, b), dict(groups=2)),
+        ("input", (randn(1, 4, 6, 6, 1, device=device), w, b), dict(groups=2)),
+        ("input", (randn(2, 4, 0, 6, device=device), w, b), dict(groups=2, padding=2)),
+        ("Kernel size", (x, randn(6, 2, 7, 7, device=device), b), dict(groups=2)),
+        ("weight", (x, w.double(), b), dict(groups=2)),
+        ("bias", (x, w, b.double()), dict(groups=2)),
+        ("input", ("x", w, b), dict(groups=2)),
+        ("weight", (x, "w", b), dict(groups=2)),
+        ("bias", (x, w, 3), dict(groups=2)),
+        ("groups", (x, w, b), dict(groups=2.0)),
+        ("stride", (x, w, b), dict(groups=2, stride=1.5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_bad_input_like_torch(device, case):
+    arg, inputs, kw = _bad_cases(device)[case]
+    assert_raises_like_torch(lambda: TF.conv2d(*inputs, **kw),
+                             lambda: F.conv2d(*inputs, **kw), arg)
+
+
+def test_bad_shuffle_groups(device):
+    x = randn(2, 4, 6, 6, device=device)
+    w = randn(6, 2, 3, 3, device=device)
+    for bad, exc in ((4, RuntimeError), (0, RuntimeError), (True, TypeError),
+                     (2.0, TypeError)):
+        with pytest.raises(exc, match="shuffle_groups"):
+            F.conv2d(x, w, groups=2, shuffle_groups=bad)
+    with pytest.raises(ValueError, match="shuffle_groups"):
+        torchfuse.nn.Conv2d(4, 6, 3, shuffle_groups=4)
+
+
+def test_backward_op_bad_input(device):
+    ops = torch.ops.torchfuse
+    x = randn(2, 4, 6, 6, device=device)
+    w = randn(6, 2, 3, 3, device=device)
+    go = randn(2, 6, 4, 4, device=device)
+    args = ([1, 1], [0], [1], 2, 1, [True, True, True])
+    ops.conv2d_backward(go, x, w, *args)  # the right shapes pass
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.conv2d_backward(go[:, :, :3], x, w, *args)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.conv2d_backward(go.double(), x, w, *args)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.conv2d_backward(go[:1], x, w, *args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+def test_bad_device():
+    x = randn(2, 4, 6, 6, device="cuda")
+    with pytest.raises(RuntimeError, match="weight"):
+        F.conv2d(x, randn(6, 2, 3, 3), groups=2)
+    with pytest.raises(RuntimeError, match="bias"):
+        F.conv2d(x, randn(6, 2, 3, 3, device="cuda"), randn(6), groups=2)
+
+
+# --------------------------------------------------------------------- modules
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_module_is_drop_in(device, padding_mode):
+    torch.manual_seed(1)
+    ref = torch.nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=4,
+                          padding_mode=padding_mode).to(device)
+    m = torchfuse.nn.Conv2d.from_torch(ref)
+    assert isinstance(m, torch.nn.Conv2d)
+    assert list(m.state_dict()) == list(ref.state_dict())
+    assert m.weight is ref.weight and m.extra_repr() == ref.extra_repr()
+    x = randn(2, 8, 9, 9, device=device, requires_grad=True)
+    out, gx = _run(m, (x,), torch.ones(2, 16, 9, 9, device=device))[:2]
+    out_r, gx_r = _run(ref, (x,), torch.ones(2, 16, 9, 9, device=device))[:2]
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(gx, gx_r)
+
+
+def test_module_shuffle_groups(device):
+    torch.manual_seed(1)
+    m = torchfuse.nn.Conv2d(6, 12, 1, groups=3, shuffle_groups=3, device=device)
+    assert m.extra_repr().endswith("shuffle_groups=3")
+    x = randn(2, 6, 5, 5, device=device)
+    expected = TF.channel_shuffle(TF.conv2d(x, m.weight, m.bias, groups=3), 3)
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_convert_grouped_and_dilated(device):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),                        # plain: kept
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),              # depthwise
+        torch.nn.Conv2d(8, 12, 3, padding=2, dilation=2),           # dilated
+        torch.nn.Conv2d(12, 12, 3, padding=1, groups=3, padding_mode="reflect"),  # kept
+        torch.nn.Conv2d(12, 6, 1, groups=3),                        # grouped 1x1
+    ).to(device)
+    conv = torchfuse.convert(model)
+    kinds = [type(m) for m in conv]
+    assert kinds == [torch.nn.Conv2d, torchfuse.nn.Conv2d, torchfuse.nn.Conv2d,
+                     torch.nn.Conv2d, torchfuse.nn.Conv2d]
+    assert list(conv.state_dict()) == list(model.state_dict())
+    assert type(model[1]) is torch.nn.Conv2d  # not in place by default
+    x = randn(2, 3, 10, 10, device=device, requires_grad=True)
+    out, gx = _run(conv, (x,), torch.ones(2, 6, 10, 10, device=device))[:2]
+    out_r, gx_r = _run(model, (x,), torch.ones(2, 6, 10, 10, device=device))[:2]
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(gx, gx_r)
+
+
+# ----------------------------------------------------------------- determinism
+@pytest.mark.parametrize("case", [CASES[4], CASES[10]], ids=[_id(CASES[4]), _id(CASES[10])])
+def test_deterministic(device, case):
+    x, w, b = _tensors((4, *case[1:]), torch.float32, device)
+    args = _args(case)
+
+    def run():
+        out = F.conv2d(x, w, b, **args)
+        return (out, *torch.autograd.grad(out, (x, w, b), torch.ones_like(out)))
+
+    first = run()
+    for a, r in zip(first, run()):
+        assert torch.equal(a, r)
+    if device == "cpu":
+        n = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            # fixed summation orders: the thread count changes no bit
+            for a, r in zip(first, run()):
+                assert torch.equal(a, r)
+        finally:
+            torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+@pytest.mark.parametrize("groups,kernel", [(116, 3), (3, 1), (32, 3)])
+def test_cuda_graph_capture(groups, kernel):
+    c = 116 if groups == 116 else 96
+    x = randn(4, c, 28, 28, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = randn(c, c // groups, kernel, kernel, device="cuda", dtype=torch.bfloat16,
+              requires_grad=True)
+    pad = kernel // 2
+
+    def step():
+        out = F.conv2d(x, w, None, 1, pad, 1, groups, 2)
+        return (out, *torch.autograd.grad(out, (x, w), torch.ones_like(out)))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = step()
+    with torch.no_grad():
+        x.copy_(randn(4, c, 28, 28, device="cuda", dtype=torch.bfloat16))
+    g.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(captured, step()):
+        assert torch.equal(a, e)
