@@ -18,16 +18,26 @@ from torchfuse import reference as R
 from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, randn
 
 # (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, shuffle)
+# The CPU kernels compute groups of at most 16 input channels with a kernel
+# larger than 1x1 directly (blocks of 4 output or input channels, so counts
+# that are not multiples of 4 matter) and the rest with im2col + GEMM; the
+# CUDA kernels only depthwise ones directly. Both paths appear on each.
 CASES = [
-    # im2col + GEMM, groups = 1: odd sizes, stride, dilation, rectangular kernel
+    # groups = 1: odd sizes, stride, dilation, rectangular kernel; direct on
+    # CPU (5 or 3 input channels) and im2col + GEMM (17 to 20)
     (2, 5, 9, 7, 6, 3, 1, 1, 1, 1, 1),
     (2, 5, 9, 7, 6, (2, 3), (2, 1), (1, 0), (1, 2), 1, 1),
     (1, 3, 12, 11, 4, 3, 1, 4, 4, 1, 2),  # DeepLab-like atrous, shuffled
+    (2, 18, 7, 6, 6, 3, 1, 1, 1, 1, 2),
+    (1, 20, 9, 8, 6, (2, 3), (2, 1), (1, 0), (1, 2), 1, 1),
+    (1, 17, 12, 11, 4, 3, 1, 4, 4, 1, 2),
     # grouped (ResNeXt, ShuffleNet v1), the shuffle's groups equal to or
-    # different from the convolution's
+    # different from the convolution's; 16 and 17 input channels per group
     (2, 8, 6, 5, 12, 3, 2, 1, 1, 4, 1),
     (2, 12, 5, 6, 12, 3, 1, 1, 1, 3, 3),
     (2, 12, 5, 6, 24, 3, 1, 2, 2, 3, 4),
+    (1, 32, 6, 6, 10, 3, 1, 1, 1, 2, 1),
+    (1, 34, 6, 5, 4, 3, 2, 2, 2, 2, 2),
     # 1x1, stride 1, no padding: the GEMM reads the input (no im2col)
     (3, 12, 6, 6, 12, 1, 1, 0, 1, 3, 3),
     (3, 12, 4, 7, 8, 1, 1, 0, 1, 1, 2),
@@ -43,7 +53,14 @@ CASES = [
     (2, 6, 7, 8, 9, (2, 4), 1, "same", 1, 3, 3),
     (2, 4, 7, 8, 4, 4, 1, "same", (1, 3), 4, 1),
     (2, 4, 7, 8, 6, 3, 1, "valid", 2, 2, 1),
+    (1, 17, 7, 8, 4, (2, 4), 1, "same", 1, 1, 1),
 ]
+GROUPED = (2, 12, 5, 6, 12, 3, 1, 1, 1, 3, 3)
+ONE_BY_ONE = (3, 12, 6, 6, 12, 1, 1, 0, 1, 3, 3)
+DEPTHWISE_S2 = (2, 6, 10, 9, 6, 3, 2, 1, 1, 6, 2)
+IM2COL = (2, 18, 7, 6, 6, 3, 1, 1, 1, 1, 2)
+for _c in (GROUPED, ONE_BY_ONE, DEPTHWISE_S2, IM2COL):
+    assert _c in CASES
 
 
 def _id(c):
@@ -120,8 +137,8 @@ def test_conv2d_no_bias_float64(device, case):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
-@pytest.mark.parametrize("case", [CASES[4], CASES[6], CASES[10]],
-                         ids=[_id(c) for c in (CASES[4], CASES[6], CASES[10])])
+@pytest.mark.parametrize("case", [GROUPED, ONE_BY_ONE, DEPTHWISE_S2, IM2COL],
+                         ids=["grouped", "1x1", "depthwise", "im2col"])
 def test_conv2d_layouts(device, layout, case):
     x = _tensors(case, torch.float32, device, layout=layout)[0]
     out, gx = _check_case(case, torch.float32, device, layout=layout)[:2]
@@ -421,7 +438,8 @@ def test_convert_grouped_and_dilated(device):
 
 
 # ----------------------------------------------------------------- determinism
-@pytest.mark.parametrize("case", [CASES[4], CASES[10]], ids=[_id(CASES[4]), _id(CASES[10])])
+@pytest.mark.parametrize("case", [GROUPED, DEPTHWISE_S2, IM2COL],
+                         ids=["grouped", "depthwise", "im2col"])
 def test_deterministic(device, case):
     x, w, b = _tensors((4, *case[1:]), torch.float32, device)
     args = _args(case)

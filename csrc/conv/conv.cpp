@@ -16,8 +16,9 @@
 //   `shuffle` channels, so the GEMM writes them through a view with row
 //   stride shuffle * L: each group's GEMM is split at the shuffle groups'
 //   boundaries, and the shuffle costs no memory pass.
-// Depthwise (Cin/groups == 1, at most 8 outputs per group, groups > 1): the
-// direct kernels of the launchers, the shuffle in their index arithmetic.
+// Groups with few input channels (launch.use_direct: on CPU at most 16 per
+// group, on CUDA depthwise with at most 8 outputs per group): the direct
+// kernels of the launchers, the shuffle in their index arithmetic.
 // Backward: grad_input = col2im(W^T dy) (same pieces, dy read through the
 // same strided views); grad_weight = sum over chunks of dy (Cout, nb L) .
 // col^T, accumulated in float32 (float64 for float64): im2col writes col
@@ -135,11 +136,7 @@ void check_tensors(const at::Tensor& input, const at::Tensor& weight) {
   check_same_dtype(weight, input, kOp, "weight");
 }
 
-bool is_depthwise(const Geometry& g) {
-  return g.groups > 1 && g.cin_g() == 1 && g.cout_g() <= 8;
-}
-
-bool is_direct(const Geometry& g) {
+bool reads_input(const Geometry& g) {
   return g.KH == 1 && g.KW == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 &&
       g.pb == 0 && g.pr == 0;
 }
@@ -216,34 +213,34 @@ at::Tensor forward(
   at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
 
-  if (is_depthwise(g)) {
-    DepthwiseParams p;
+  if (launch.use_direct(g)) {
+    DirectParams p;
     p.x = input;
     p.w = weight;
     p.bias = bias;
     p.out = out;
     p.g = g;
-    launch.dw_forward(p);
+    launch.direct_forward(p);
     return out;
   }
 
   const int64_t Kg = g.cin_g() * g.kk(), L = g.L();
-  const bool direct = is_direct(g);
-  const bool aug = bias.defined() && !direct;
+  const bool no_col = reads_input(g);
+  const bool aug = bias.defined() && !no_col;
   const int64_t rowsg = Kg + (aug ? 1 : 0);
   at::Tensor w2 = weight.view({g.Cout, Kg});
   if (aug) w2 = at::cat({w2, bias.view({g.Cout, 1})}, 1);
-  if (bias.defined() && direct) {
+  if (bias.defined() && no_col) {
     // stored position i * shuffle + j holds channel j * m + i
     out.view({g.N, g.Cout, L}).copy_(
         bias.view({g.shuffle, g.Cout / g.shuffle}).t().reshape({1, g.Cout, 1}));
   }
   const std::vector<Piece> ps = pieces(g);
-  const double beta = bias.defined() && direct ? 1.0 : 0.0;
+  const double beta = bias.defined() && no_col ? 1.0 : 0.0;
 
   at::Tensor col;
   int64_t nb = g.N;
-  if (!direct) {
+  if (!no_col) {
     nb = chunk_of(g.groups * rowsg * L * input.element_size(), g.N);
     col = at::empty({nb, g.groups * rowsg, L}, input.options());
     if (aug) col.view({nb, g.groups, rowsg, L}).select(2, Kg).fill_(1);
@@ -251,7 +248,7 @@ at::Tensor forward(
   const at::Tensor x3 = input.view({g.N, g.Cin, g.H * g.W});
   for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
     const int64_t cnt = std::min(nb, g.N - n0);
-    if (!direct) {
+    if (!no_col) {
       Im2colParams ip;
       ip.x = input.narrow(0, n0, cnt);
       ip.col = col;
@@ -264,7 +261,7 @@ at::Tensor forward(
     }
     for (const Piece& p : ps) {
       at::Tensor o = rows_view(out, g, p, n0, cnt);
-      const at::Tensor c = direct ? x3.narrow(0, n0, cnt).narrow(1, p.group * Kg, Kg)
+      const at::Tensor c = no_col ? x3.narrow(0, n0, cnt).narrow(1, p.group * Kg, Kg)
                                   : col.narrow(0, 0, cnt).narrow(1, p.group * rowsg, rowsg);
       const at::Tensor w = w2.narrow(0, p.a, p.b - p.a).unsqueeze(0).expand(
           {cnt, p.b - p.a, rowsg});
@@ -311,39 +308,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (mask[1] && gw.numel() > 0 && (empty || g.N == 0)) gw.zero_();
   if (empty || g.Cin == 0) return {gx, gw, gb};
 
-  if (is_depthwise(g)) {
-    DepthwiseParams p;
+  if (launch.use_direct(g)) {
+    DirectParams p;
     p.x = input;
     p.w = weight;
     p.dy = dy;
     p.g = g;
     if (mask[0]) {
       p.dx = gx;
-      launch.dw_dinput(p);
+      launch.direct_dinput(p);
     }
     if (mask[1]) {
       p.dw = at::empty(weight.sizes(), weight.options().dtype(acc));
-      launch.dw_dweight(p);
+      launch.direct_dweight(p);
       gw.copy_(p.dw);
     }
     return {gx, gw, gb};
   }
 
   const int64_t Kg = g.cin_g() * g.kk(), L = g.L();
-  const bool direct = is_direct(g);
+  const bool no_col = reads_input(g);
   const std::vector<Piece> ps = pieces(g);
   const at::Tensor w2 = weight.view({g.Cout, Kg});
 
   if (mask[0]) {
     const int64_t nb =
-        direct ? g.N : chunk_of(g.Cin * g.kk() * L * input.element_size(), g.N);
+        no_col ? g.N : chunk_of(g.Cin * g.kk() * L * input.element_size(), g.N);
     at::Tensor dcol =
-        direct ? gx.view({g.N, g.Cin, L}) : at::empty({nb, g.Cin * g.kk(), L}, input.options());
+        no_col ? gx.view({g.N, g.Cin, L}) : at::empty({nb, g.Cin * g.kk(), L}, input.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
       const int64_t cnt = std::min(nb, g.N - n0);
       int64_t last_group = -1;
       for (const Piece& p : ps) {
-        at::Tensor dc = (direct ? dcol.narrow(0, n0, cnt) : dcol.narrow(0, 0, cnt))
+        at::Tensor dc = (no_col ? dcol.narrow(0, n0, cnt) : dcol.narrow(0, 0, cnt))
                             .narrow(1, p.group * Kg, Kg);
         const at::Tensor wt = w2.narrow(0, p.a, p.b - p.a).t().unsqueeze(0).expand(
             {cnt, Kg, p.b - p.a});
@@ -351,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         dc.baddbmm_(wt, rows_view(dy, g, p, n0, cnt), beta, 1.0);
         last_group = p.group;
       }
-      if (!direct) {
+      if (!no_col) {
         Col2imParams cp;
         cp.col = dcol;
         cp.dx = gx.narrow(0, n0, cnt);

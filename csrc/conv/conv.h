@@ -5,7 +5,7 @@
 // conv.cpp holds the op entry points (checks, geometry, the GEMMs through
 // ATen on strided views, buffers); the device files provide the launchers
 // below: the passes that are not GEMMs (im2col, col2im and the direct
-// depthwise kernels).
+// kernels).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -60,14 +60,20 @@ struct Col2imParams {
   Geometry g;
 };
 
-// Depthwise (groups == Cin, Cout = Cin * multiplier) direct kernels, float
-// accumulation; all tensors contiguous.
-//   forward:   out[n, pos(c), .] = bias[c] + sum_ij w[c, 0, i, j] x[n, c / mult, ...]
-//   dinput:    dx[n, ci, h, w] = sum over c of ci's outputs, (i, j) of
-//              w[c, 0, i, j] dy[n, pos(c), oh, ow]
-//   dweight:   dw[c, 0, i, j] = sum_n,oh,ow dy[n, pos(c), oh, ow] x[n, c / mult, ...]
+// Direct kernels (no im2col, no GEMM) for the convolutions whose groups
+// have few input channels: depthwise ones above all. The launcher set says
+// which it takes (use_direct): the CPU kernels take any group with at most
+// 16 input channels per group (kernel larger than 1x1), the CUDA ones
+// depthwise convolutions (one input channel per group) with at most 8
+// outputs per group. Accumulation in the accumulate type; all tensors
+// contiguous.
+//   forward:   out[n, pos(c), .] = bias[c] + sum over ci, (i, j) of
+//              w[c, ci, i, j] x[n, group(c) * cin_g + ci, ...]
+//   dinput:    dx[n, ., h, w] = sum over the group's outputs c and (i, j) of
+//              w[c, ci, i, j] dy[n, pos(c), oh, ow]
+//   dweight:   dw[c, ci, i, j] = sum_n,oh,ow dy[n, pos(c), oh, ow] x[n, ...]
 //              (dw in the accumulate type; a fixed summation order)
-struct DepthwiseParams {
+struct DirectParams {
   at::Tensor x, w, bias, out;   // forward: x, w, bias (optional), out
   at::Tensor dy, dx, dw;        // backward
   Geometry g;
@@ -76,9 +82,10 @@ struct DepthwiseParams {
 struct Launchers {
   void (*im2col)(const Im2colParams&);
   void (*col2im)(const Col2imParams&);
-  void (*dw_forward)(const DepthwiseParams&);
-  void (*dw_dinput)(const DepthwiseParams&);
-  void (*dw_dweight)(const DepthwiseParams&);
+  bool (*use_direct)(const Geometry&);
+  void (*direct_forward)(const DirectParams&);
+  void (*direct_dinput)(const DirectParams&);
+  void (*direct_dweight)(const DirectParams&);
 };
 
 at::Tensor forward(

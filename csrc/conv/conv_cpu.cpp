@@ -135,17 +135,6 @@ TF_ALWAYS_INLINE void load_row(const T* src, at::opmath_type<T>* dst, int64_t n)
   });
 }
 
-template <typename T>
-TF_ALWAYS_INLINE void store_row(const at::opmath_type<T>* src, T* dst, int64_t n) {
-  using IO = cpu::VecIO<T>;
-  using A = at::opmath_type<T>;
-  cpu::for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
-    typename IO::AVec a, b;
-    cpu::AccIO<A>::load(src + j, c, a, b);
-    IO::store(dst + j, a, b, c);
-  });
-}
-
 struct PlaneShape {
   int64_t rows = 0, wph = 0, sw = 1, rs = 0;
   PlaneShape(int64_t rows_, int64_t cols, int64_t sw_)
@@ -179,27 +168,55 @@ void fill_plane(const T* src, int64_t H, int64_t W, int64_t top, int64_t left,
   }
 }
 
-// Output rows [0, OHn) of one plane, a step of 2 vectors of columns at a
-// time: init + sum over taps t of wt[t] * buf[oh*sh*rs + toff[t] + o], the
-// sums kept in registers, handed to store(oh, o, count, a, b).
-template <typename A, typename Store>
-TF_ALWAYS_INLINE void plane_rows(const A* buf, int64_t rs, const int64_t* toff, const A* wt,
-                                 int64_t kk, int64_t sh, int64_t OHn, int64_t OWn, A init,
-                                 const Store& store) {
+// Output rows [0, OHn) of R output planes at once, a step of 2 vectors of
+// columns at a time: init[r] + sum over input planes ci < nin and taps t of
+// wblk[(ci * kk + t) * R + r] * planes[ci * psize + oh*sh*rs + toff[t] + o],
+// the 2R sums kept in registers (each load of an input feeds R outputs),
+// handed to store(r, oh, o, count, a, b).
+template <int R, typename A, typename Store>
+TF_ALWAYS_INLINE void block_rows(const A* planes, int64_t psize, int64_t nin, int64_t rs,
+                                 const int64_t* toff, int64_t kk, const A* wblk, const A* init,
+                                 int64_t sh, int64_t OHn, int64_t OWn, const Store& store) {
   using AVec = at::vec::Vectorized<A>;
   for (int64_t oh = 0; oh < OHn; ++oh) {
-    const A* base = buf + oh * sh * rs;
+    const A* base = planes + oh * sh * rs;
     cpu::for_each_step<2 * AVec::size()>(OWn, [&](int64_t o, int64_t c) TF_INLINE_LAMBDA {
-      AVec a(init), b(init);
-      for (int64_t t = 0; t < kk; ++t) {
-        AVec x0, x1;
-        cpu::AccIO<A>::load(base + toff[t] + o, c, x0, x1);
-        const AVec wv(wt[t]);
-        a = at::vec::fmadd(wv, x0, a);
-        b = at::vec::fmadd(wv, x1, b);
+      AVec acc[2 * R];
+      for (int r = 0; r < R; ++r) acc[2 * r] = acc[2 * r + 1] = AVec(init[r]);
+      for (int64_t ci = 0; ci < nin; ++ci) {
+        const A* bi = base + ci * psize + o;
+        const A* wi = wblk + ci * kk * R;
+        for (int64_t t = 0; t < kk; ++t) {
+          AVec x0, x1;
+          cpu::AccIO<A>::load(bi + toff[t], c, x0, x1);
+          for (int r = 0; r < R; ++r) {
+            const AVec wv(wi[t * R + r]);
+            acc[2 * r] = at::vec::fmadd(wv, x0, acc[2 * r]);
+            acc[2 * r + 1] = at::vec::fmadd(wv, x1, acc[2 * r + 1]);
+          }
+        }
       }
-      store(oh, o, c, a, b);
+      for (int r = 0; r < R; ++r) store(r, oh, o, c, acc[2 * r], acc[2 * r + 1]);
     });
+  }
+}
+
+constexpr int64_t kBlock = 4;  // output planes per block_rows pass
+
+// block_rows with R = rcount (1 to kBlock) fixed at compile time (inlined
+// into the task, with the store lambda: see test_package's nm check).
+template <typename A, typename Store>
+TF_ALWAYS_INLINE void block_rows_n(int64_t rcount, const A* planes, int64_t psize, int64_t nin, int64_t rs,
+                  const int64_t* toff, int64_t kk, const A* wblk, const A* init, int64_t sh,
+                  int64_t OHn, int64_t OWn, const Store& store) {
+  switch (rcount) {
+    case 1: block_rows<1>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
+      return;
+    case 2: block_rows<2>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
+      return;
+    case 3: block_rows<3>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
+      return;
+    default: block_rows<4>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
   }
 }
 
@@ -212,8 +229,11 @@ inline std::vector<int64_t> tap_offsets(const Geometry& g, const PlaneShape& s) 
   return toff;
 }
 
+// Forward: one task per (sample, group, block of up to kBlock output
+// channels): the group's cin_g input planes copied and padded, then the
+// block's output rows.
 template <typename T>
-void dw_forward_kernel(const DepthwiseParams& p) {
+void direct_forward_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
   using AVec = at::vec::Vectorized<A>;
   const Geometry& g = p.g;
@@ -221,24 +241,33 @@ void dw_forward_kernel(const DepthwiseParams& p) {
   const T* w = p.w.const_data_ptr<T>();
   const T* b = p.bias.defined() ? p.bias.const_data_ptr<T>() : nullptr;
   T* out = p.out.mutable_data_ptr<T>();
-  const int64_t mult = g.Cout / g.Cin, kk = g.kk(), OH = g.OH, OW = g.OW;
+  const int64_t cin_g = g.cin_g(), cout_g = g.cout_g(), kk = g.kk(), OH = g.OH, OW = g.OW;
+  const int64_t nblk = (cout_g + kBlock - 1) / kBlock;
   const PlaneShape s(g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.sw);
   const std::vector<int64_t> toff = tap_offsets(g, s);
-  // one task per input plane (n, ci), for its mult output channels
-  at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(s.size()), row(g.W), wt(kk);
+  at::parallel_for(0, g.N * g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> planes(cin_g * s.size()), row(g.W), wblk(cin_g * kk * kBlock), init(kBlock);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t ci = t % g.Cin, n = t / g.Cin;
-      fill_plane(x + t * g.H * g.W, g.H, g.W, g.pt, g.pl, s, buf.data(), row.data());
-      for (int64_t m = 0; m < mult; ++m) {
-        const int64_t c = ci * mult + m;
-        for (int64_t e = 0; e < kk; ++e) wt[e] = static_cast<A>(w[c * kk + e]);
-        T* o = out + (n * g.Cout + g.pos(c)) * OH * OW;
-        plane_rows(buf.data(), s.rs, toff.data(), wt.data(), kk, g.sh, OH, OW,
-                   b != nullptr ? static_cast<A>(b[c]) : A(0),
-                   [&](int64_t oh, int64_t ow, int64_t cnt, const AVec& u, const AVec& v)
-                       TF_INLINE_LAMBDA { cpu::VecIO<T>::store(o + oh * OW + ow, u, v, cnt); });
+      const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
+      for (int64_t ci = 0; ci < cin_g; ++ci) {
+        fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s,
+                   planes.data() + ci * s.size(), row.data());
       }
+      const int64_t c0 = gi * cout_g + blk * kBlock;
+      const int64_t R = std::min(kBlock, cout_g - blk * kBlock);
+      for (int64_t r = 0; r < R; ++r) {
+        init[r] = b != nullptr ? static_cast<A>(b[c0 + r]) : A(0);
+        for (int64_t e = 0; e < cin_g * kk; ++e) {
+          wblk[e * R + r] = static_cast<A>(w[(c0 + r) * cin_g * kk + e]);
+        }
+      }
+      T* o = out + n * g.Cout * OH * OW;
+      block_rows_n(R, planes.data(), s.size(), cin_g, s.rs, toff.data(), kk, wblk.data(),
+                   init.data(), g.sh, OH, OW,
+                   [&](int64_t r, int64_t oh, int64_t ow, int64_t cnt, const AVec& u,
+                       const AVec& v) TF_INLINE_LAMBDA {
+                     cpu::VecIO<T>::store(o + (g.pos(c0 + r) * OH + oh) * OW + ow, u, v, cnt);
+                   });
     }
   });
 }
@@ -246,38 +275,39 @@ void dw_forward_kernel(const DepthwiseParams& p) {
 // grad_input as a stride-1 correlation with the flipped kernel: dy[oh, ow]
 // placed (zeros between, for stride > 1) at padded position
 // (oh*sh + (KH-1)*dh - pt, ow*sw + (KW-1)*dw - pl) of an (H + (KH-1)*dh) x
-// (W + (KW-1)*dw) plane; dx[h, w] = sum_ij w[KH-1-i, KW-1-j] *
-// plane[h + i*dh, w + j*dw]. The channel's mult outputs add up in a plane
-// of sums, in a fixed order.
+// (W + (KW-1)*dw) plane; dx[h, w] = sum over the group's outputs co and taps
+// of w[co, ci, KH-1-i, KW-1-j] * plane_co[h + i*dh, w + j*dw]. One task per
+// (sample, group, block of up to kBlock input channels).
 template <typename T>
-void dw_dinput_kernel(const DepthwiseParams& p) {
+void direct_dinput_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
   using AVec = at::vec::Vectorized<A>;
   const Geometry& g = p.g;
   const T* dy = p.dy.const_data_ptr<T>();
   const T* w = p.w.const_data_ptr<T>();
   T* dx = p.dx.mutable_data_ptr<T>();
-  const int64_t mult = g.Cout / g.Cin, kk = g.kk(), H = g.H, W = g.W, OH = g.OH, OW = g.OW;
+  const int64_t cin_g = g.cin_g(), cout_g = g.cout_g(), kk = g.kk();
+  const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW;
+  const int64_t nblk = (cin_g + kBlock - 1) / kBlock;
   const int64_t top = (g.KH - 1) * g.dh - g.pt, left = (g.KW - 1) * g.dw - g.pl;
   const PlaneShape s(H + (g.KH - 1) * g.dh, W + (g.KW - 1) * g.dw, 1);
   const std::vector<int64_t> toff = tap_offsets(g, s);
   // output columns whose position ow*sw + left lies in the plane
   int64_t lo, hi;
   valid_range(left, g.sw, s.wph, OW, lo, hi);
-  at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(s.size()), row(OW), wt(kk), sum(mult > 1 ? H * W : 0);
+  at::parallel_for(0, g.N * g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> planes(cout_g * s.size()), row(OW), wblk(cout_g * kk * kBlock),
+        init(kBlock, A(0));
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t ci = t % g.Cin, n = t / g.Cin;
-      T* d = dx + t * H * W;
-      for (int64_t m = 0; m < mult; ++m) {
-        const int64_t c = ci * mult + m;
-        for (int64_t e = 0; e < kk; ++e) wt[e] = static_cast<A>(w[c * kk + kk - 1 - e]);
-        const T* dyc = dy + (n * g.Cout + g.pos(c)) * OH * OW;
-        std::fill(buf.begin(), buf.end(), A(0));
+      const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
+      for (int64_t co = 0; co < cout_g; ++co) {
+        const T* dyc = dy + (n * g.Cout + g.pos(gi * cout_g + co)) * OH * OW;
+        A* buf = planes.data() + co * s.size();
+        std::fill(buf, buf + s.size(), A(0));
         for (int64_t oh = 0; oh < OH; ++oh) {
           const int64_t r = oh * g.sh + top;
           if (r < 0 || r >= s.rows || lo >= hi) continue;
-          A* dst = buf.data() + r * s.rs + left;
+          A* dst = buf + r * s.rs + left;
           if (g.sw == 1) {
             load_row(dyc + oh * OW + lo, dst + lo, hi - lo);
           } else {
@@ -285,79 +315,107 @@ void dw_dinput_kernel(const DepthwiseParams& p) {
             for (int64_t ow = lo; ow < hi; ++ow) dst[ow * g.sw] = row[ow];
           }
         }
-        if (mult == 1) {
-          plane_rows(buf.data(), s.rs, toff.data(), wt.data(), kk, 1, H, W, A(0),
-                     [&](int64_t h, int64_t w0, int64_t cnt, const AVec& u, const AVec& v)
-                         TF_INLINE_LAMBDA { cpu::VecIO<T>::store(d + h * W + w0, u, v, cnt); });
-        } else {
-          plane_rows(buf.data(), s.rs, toff.data(), wt.data(), kk, 1, H, W, A(0),
-                     [&](int64_t h, int64_t w0, int64_t cnt, const AVec& u, const AVec& v)
-                         TF_INLINE_LAMBDA {
-                       A* sr = sum.data() + h * W + w0;
-                       AVec s0 = u, s1 = v;
-                       if (m > 0) {
-                         AVec p0, p1;
-                         cpu::AccIO<A>::load(sr, cnt, p0, p1);
-                         s0 = p0 + u;
-                         s1 = p1 + v;
-                       }
-                       cpu::AccIO<A>::store(sr, s0, s1, cnt);
-                     });
+      }
+      const int64_t i0 = blk * kBlock, R = std::min(kBlock, cin_g - i0);
+      for (int64_t co = 0; co < cout_g; ++co) {
+        const T* wc = w + (gi * cout_g + co) * cin_g * kk;
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t e = 0; e < kk; ++e) {
+            wblk[(co * kk + e) * R + r] = static_cast<A>(wc[(i0 + r) * kk + kk - 1 - e]);
+          }
         }
       }
-      if (mult > 1) store_row<T>(sum.data(), d, H * W);
+      T* d = dx + (n * g.Cin + gi * cin_g + i0) * H * W;
+      block_rows_n(R, planes.data(), s.size(), cout_g, s.rs, toff.data(), kk, wblk.data(),
+                   init.data(), 1, H, W,
+                   [&](int64_t r, int64_t h, int64_t w0, int64_t cnt, const AVec& u,
+                       const AVec& v) TF_INLINE_LAMBDA {
+                     cpu::VecIO<T>::store(d + (r * H + h) * W + w0, u, v, cnt);
+                   });
     }
   });
 }
 
-// grad_weight: per tap, the products of dy's rows with the padded input
-// plane's rows (read as the forward reads them) summed elementwise in vector
-// accumulators over a plane, then reduced and added to the tap's total in
-// n order: one task per input channel, for its mult outputs (a fixed order:
-// the thread count changes no bit).
-template <typename T>
-void dw_dweight_kernel(const DepthwiseParams& p) {
-  using A = at::opmath_type<T>;
+// out[k] += sum over rows oh < OH and columns o < OW of dyf[oh * OW + o] *
+// src[oh * rstep + toff[k] + o] for TB taps at once: dy's vectors loaded
+// once for all of them, 2 TB accumulators in registers.
+template <int TB, typename A>
+TF_ALWAYS_INLINE void tap_dots(const A* src, const int64_t* toff, const A* dyf, int64_t OH,
+                               int64_t OW, int64_t rstep, A* out) {
   using AVec = at::vec::Vectorized<A>;
+  AVec part[2 * TB];
+  for (int k = 0; k < 2 * TB; ++k) part[k] = AVec(A(0));
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const A* xr = src + oh * rstep;
+    const A* dr = dyf + oh * OW;
+    cpu::for_each_step<2 * AVec::size()>(OW, [&](int64_t o, int64_t cnt) TF_INLINE_LAMBDA {
+      AVec d0, d1;
+      cpu::AccIO<A>::load(dr + o, cnt, d0, d1);
+      for (int k = 0; k < TB; ++k) {
+        AVec x0, x1;
+        cpu::AccIO<A>::load(xr + toff[k] + o, cnt, x0, x1);
+        part[2 * k] = at::vec::fmadd(d0, x0, part[2 * k]);
+        part[2 * k + 1] = at::vec::fmadd(d1, x1, part[2 * k + 1]);
+      }
+    });
+  }
+  for (int k = 0; k < TB; ++k) out[k] += cpu::reduce_sum(part[2 * k] + part[2 * k + 1]);
+}
+
+constexpr int64_t kTapBlock = 9;  // a 3x3 kernel's taps in one pass
+
+template <typename A>
+void tap_dots_n(int64_t count, const A* src, const int64_t* toff, const A* dyf, int64_t OH,
+                int64_t OW, int64_t rstep, A* out) {
+  switch (count) {
+    case 1: tap_dots<1>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 2: tap_dots<2>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 3: tap_dots<3>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 4: tap_dots<4>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 5: tap_dots<5>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 6: tap_dots<6>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 7: tap_dots<7>(src, toff, dyf, OH, OW, rstep, out); return;
+    case 8: tap_dots<8>(src, toff, dyf, OH, OW, rstep, out); return;
+    default: tap_dots<9>(src, toff, dyf, OH, OW, rstep, out);
+  }
+}
+
+// grad_weight: one task per output channel c. Per sample, the group's input
+// planes are copied and padded as the forward reads them and dy's plane is
+// converted once; then, per (input channel, tap), dy's rows times the
+// plane's rows are summed in two vector accumulators over the plane, reduced
+// and added to the weight's total in sample order (a fixed order: the
+// thread count changes no bit).
+template <typename T>
+void direct_dweight_kernel(const DirectParams& p) {
+  using A = at::opmath_type<T>;
   const Geometry& g = p.g;
   const T* dy = p.dy.const_data_ptr<T>();
   const T* x = p.x.const_data_ptr<T>();
   A* dw = p.dw.mutable_data_ptr<A>();
-  const int64_t mult = g.Cout / g.Cin, kk = g.kk(), OH = g.OH, OW = g.OW;
+  const int64_t cin_g = g.cin_g(), cout_g = g.cout_g(), kk = g.kk(), OH = g.OH, OW = g.OW;
   const PlaneShape s(g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.sw);
   const std::vector<int64_t> toff = tap_offsets(g, s);
-  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(s.size()), row(g.W), acc(mult * kk);
-    std::vector<AVec> part(2 * kk);
-    for (int64_t ci = begin; ci < end; ++ci) {
+  at::parallel_for(0, g.Cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> planes(cin_g * s.size()), row(g.W), dyf(OH * OW), acc(cin_g * kk);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t gi = c / cout_g;
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t n = 0; n < g.N; ++n) {
-        fill_plane(x + (n * g.Cin + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s, buf.data(),
-                   row.data());
-        for (int64_t m = 0; m < mult; ++m) {
-          const int64_t c = ci * mult + m;
-          const T* dyc = dy + (n * g.Cout + g.pos(c)) * OH * OW;
-          std::fill(part.begin(), part.end(), AVec(A(0)));
-          for (int64_t oh = 0; oh < OH; ++oh) {
-            const A* base = buf.data() + oh * g.sh * s.rs;
-            const T* dr = dyc + oh * OW;
-            cpu::for_each_step<cpu::VecIO<T>::kStep>(OW, [&](int64_t o, int64_t cnt)
-                                                              TF_INLINE_LAMBDA {
-              AVec d0, d1;
-              cpu::VecIO<T>::load(dr + o, cnt, d0, d1);
-              for (int64_t t = 0; t < kk; ++t) {
-                AVec x0, x1;
-                cpu::AccIO<A>::load(base + toff[t] + o, cnt, x0, x1);
-                part[2 * t] = at::vec::fmadd(d0, x0, part[2 * t]);
-                part[2 * t + 1] = at::vec::fmadd(d1, x1, part[2 * t + 1]);
-              }
-            });
+        for (int64_t ci = 0; ci < cin_g; ++ci) {
+          fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s,
+                     planes.data() + ci * s.size(), row.data());
+        }
+        load_row(dy + (n * g.Cout + g.pos(c)) * OH * OW, dyf.data(), OH * OW);
+        for (int64_t ci = 0; ci < cin_g; ++ci) {
+          for (int64_t t0 = 0; t0 < kk; t0 += kTapBlock) {
+            tap_dots_n(std::min(kTapBlock, kk - t0), planes.data() + ci * s.size(),
+                       toff.data() + t0, dyf.data(), OH, OW, g.sh * s.rs,
+                       acc.data() + ci * kk + t0);
           }
-          A* a = acc.data() + m * kk;
-          for (int64_t t = 0; t < kk; ++t) a[t] += cpu::reduce_sum(part[2 * t] + part[2 * t + 1]);
         }
       }
-      std::copy(acc.begin(), acc.end(), dw + ci * mult * kk);
+      std::copy(acc.begin(), acc.end(), dw + c * cin_g * kk);
     }
   });
 }
@@ -380,24 +438,31 @@ void col2im_cpu(const Col2imParams& p) {
                                   [&] { col2im_kernel<scalar_t>(p); });
 }
 
-void dw_forward_cpu(const DepthwiseParams& p) {
+void direct_forward_cpu(const DirectParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
-                                  "conv2d_depthwise_cpu", [&] { dw_forward_kernel<scalar_t>(p); });
+                                  "conv2d_direct_cpu", [&] { direct_forward_kernel<scalar_t>(p); });
 }
 
-void dw_dinput_cpu(const DepthwiseParams& p) {
+void direct_dinput_cpu(const DirectParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dy.scalar_type(),
-                                  "conv2d_depthwise_dinput_cpu",
-                                  [&] { dw_dinput_kernel<scalar_t>(p); });
+                                  "conv2d_direct_dinput_cpu",
+                                  [&] { direct_dinput_kernel<scalar_t>(p); });
 }
 
-void dw_dweight_cpu(const DepthwiseParams& p) {
+void direct_dweight_cpu(const DirectParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dy.scalar_type(),
-                                  "conv2d_depthwise_dweight_cpu",
-                                  [&] { dw_dweight_kernel<scalar_t>(p); });
+                                  "conv2d_direct_dweight_cpu",
+                                  [&] { direct_dweight_kernel<scalar_t>(p); });
 }
 
-const Launchers kCpu{im2col_cpu, col2im_cpu, dw_forward_cpu, dw_dinput_cpu, dw_dweight_cpu};
+// Groups of at most 16 input channels (kernels larger than 1x1: a 1x1
+// convolution reads its input directly in the GEMM) and every depthwise one.
+bool use_direct_cpu(const Geometry& g) {
+  return g.cin_g() == 1 || (g.cin_g() <= 16 && g.kk() > 1);
+}
+
+const Launchers kCpu{im2col_cpu, col2im_cpu, use_direct_cpu, direct_forward_cpu, direct_dinput_cpu,
+                     direct_dweight_cpu};
 
 }  // namespace
 

@@ -205,7 +205,7 @@ void col2im_cuda(const Col2imParams& p) {
   });
 }
 
-void dw_forward_cuda(const DepthwiseParams& p) {
+void dw_forward_cuda(const DirectParams& p) {
   const c10::cuda::CUDAGuard guard(p.x.device());
   const int64_t total = p.out.numel();
   if (total == 0) return;
@@ -219,7 +219,7 @@ void dw_forward_cuda(const DepthwiseParams& p) {
   });
 }
 
-void dw_dinput_cuda(const DepthwiseParams& p) {
+void dw_dinput_cuda(const DirectParams& p) {
   const c10::cuda::CUDAGuard guard(p.dy.device());
   const int64_t total = p.dx.numel();
   if (total == 0) return;
@@ -232,7 +232,7 @@ void dw_dinput_cuda(const DepthwiseParams& p) {
   });
 }
 
-void dw_dweight_cuda(const DepthwiseParams& p) {
+void dw_dweight_cuda(const DirectParams& p) {
   const c10::cuda::CUDAGuard guard(p.dy.device());
   const int64_t blocks = p.g.Cout * p.g.kk();
   if (blocks == 0) return;
@@ -247,8 +247,13 @@ void dw_dweight_cuda(const DepthwiseParams& p) {
   });
 }
 
-const Launchers kCuda{im2col_cuda, col2im_cuda, dw_forward_cuda, dw_dinput_cuda,
-                      dw_dweight_cuda};
+// depthwise, at most 8 outputs per group (the kernels' per-thread loops)
+bool use_direct_cuda(const Geometry& g) {
+  return g.groups > 1 && g.cin_g() == 1 && g.cout_g() <= 8;
+}
+
+const Launchers kCuda{im2col_cuda, col2im_cuda, use_direct_cuda, dw_forward_cuda,
+                      dw_dinput_cuda, dw_dweight_cuda};
 
 }  // namespace
 
