@@ -416,6 +416,68 @@ def gram_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------- convolutions
+# (label, N, Cin, HW, Cout, kernel, stride, padding, dilation, groups,
+# shuffle): the grouped, depthwise and dilated layers of the networks that
+# use them, at training batch sizes (and one at batch 1).
+CONV_SHAPES = [
+    ("shufflenetv2-dw", 32, 116, 28, 116, 3, 1, 1, 1, 116, 1),
+    ("shufflenetv2-dw", 1, 232, 14, 232, 3, 1, 1, 1, 232, 1),
+    ("mobilenetv2-dw-s2", 32, 144, 56, 144, 3, 2, 1, 1, 144, 1),
+    ("mobilenetv2-dw", 32, 384, 14, 384, 3, 1, 1, 1, 384, 1),
+    ("shufflenetv1-g3-gconv+shuffle", 32, 240, 28, 240, 1, 1, 0, 1, 3, 3),
+    ("shufflenetv1-g8-gconv+shuffle", 32, 384, 28, 96, 1, 1, 0, 1, 8, 8),
+    ("resnext50-32x4d-stage2", 16, 256, 28, 256, 3, 1, 1, 1, 32, 1),
+    ("resnext50-32x4d-stage3", 16, 512, 14, 512, 3, 1, 1, 1, 32, 1),
+    ("resnext50-32x4d-stage4", 16, 1024, 7, 1024, 3, 1, 1, 1, 32, 1),
+    ("deeplabv3-layer4-atrous", 1, 512, 33, 512, 3, 1, 2, 2, 1, 1),
+]
+
+
+def _conv_inputs(N, C, HW, Co, k, groups):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(N, C, HW, HW, generator=g).to(device, dtype)
+        w = (torch.randn(Co, C // groups, k, k, generator=g) / (C // groups * k * k) ** 0.5)
+        b = torch.randn(Co, generator=g)
+        return {"x": x.requires_grad_(), "weight": w.to(device, dtype).requires_grad_(),
+                "bias": b.to(device, dtype).requires_grad_()}
+
+    return make
+
+
+def _conv_fns(stride, padding, dilation, groups, shuffle):
+    def tf(x, weight, bias):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups, shuffle)
+
+    def eager(x, weight, bias):  # the convolution, then the shuffle's copy
+        y = TF.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return TF.channel_shuffle(y, shuffle) if shuffle > 1 else y
+
+    return tf, eager
+
+
+def conv_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        sz = _size(dtype)
+        for label, N, C, HW, Co, k, s, p, d, g, sh in CONV_SHAPES:
+            ohw = (HW + 2 * p - d * (k - 1) - 1) // s + 1
+            nx, ny = N * C * HW * HW * sz, N * Co * ohw * ohw * sz
+            nw = Co * C // g * k * k * sz
+            tf, eager = _conv_fns(s, p, d, g, sh)
+            cases.append(Case(
+                op="conv2d", name=f"{label} {N}x{C}x{HW}x{HW}->{Co}", dtype=dtype,
+                make_inputs=_conv_inputs(N, C, HW, Co, k, g),
+                torchfuse=tf, eager=eager, grad_inputs=("x", "weight", "bias"),
+                # fwd: read x, w; write y. bwd: read dy, x, w; write dx, dw.
+                # A floor for the depthwise and 1x1 ones; the dense and
+                # grouped 3x3 ones are bound by their FLOPs
+                bytes_fwd=nx + nw + ny, bytes_bwd=ny + 2 * nx + 2 * nw,
+            ))
+    return cases
+
+
 CASES: list[Case] = [
     *rms_norm_cases(),
     *group_norm_cases(),
@@ -423,4 +485,5 @@ CASES: list[Case] = [
     *lrn_cases(),
     *l2_norm_cases(),
     *gram_cases(),
+    *conv_cases(),
 ]
