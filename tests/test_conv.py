@@ -415,20 +415,22 @@ def test_module_shuffle_groups(device):
     torch.testing.assert_close(m(x), expected)
 
 
-def test_convert_grouped_and_dilated(device):
+def test_convert_swaps_depthwise_convolutions(device):
     torch.manual_seed(1)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),                        # plain: kept
         torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),              # depthwise
-        torch.nn.Conv2d(8, 12, 3, padding=2, dilation=2),           # dilated
-        torch.nn.Conv2d(12, 12, 3, padding=1, groups=3, padding_mode="reflect"),  # kept
-        torch.nn.Conv2d(12, 6, 1, groups=3),                        # grouped 1x1
+        torch.nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=8),  # depthwise, x2
+        torch.nn.Conv2d(16, 12, 3, padding=2, dilation=2),          # dilated: kept
+        torch.nn.Conv2d(12, 12, 3, padding=1, groups=12, padding_mode="reflect"),  # kept
+        torch.nn.Conv2d(12, 6, 1, groups=3),                        # grouped: kept
     ).to(device)
     conv = torchfuse.convert(model)
     kinds = [type(m) for m in conv]
     assert kinds == [torch.nn.Conv2d, torchfuse.nn.Conv2d, torchfuse.nn.Conv2d,
-                     torch.nn.Conv2d, torchfuse.nn.Conv2d]
+                     torch.nn.Conv2d, torch.nn.Conv2d, torch.nn.Conv2d]
     assert list(conv.state_dict()) == list(model.state_dict())
+    assert torch.equal(conv[1].weight, model[1].weight)
     assert type(model[1]) is torch.nn.Conv2d  # not in place by default
     x = randn(2, 3, 10, 10, device=device, requires_grad=True)
     out, gx = _run(conv, (x,), torch.ones(2, 6, 10, 10, device=device))[:2]
