@@ -122,12 +122,51 @@ def case_channel_shuffle(rng, F, R):
         (lambda *p: R.cat_shuffle(list(p), g)), pieces
 
 
+def case_conv2d(rng, F, R):
+    """Any groups / stride / dilation / padding (4-sided too) / shuffle:
+    both CPU paths (direct: <= 16 input channels per group) and, emulated,
+    both CUDA ones (direct: depthwise, <= 8 outputs per group)."""
+    groups = rng.choice([1, 1, 2, 3, 4, 8])
+    cin_g = rng.choice([1, 1, 2, 3, 5, 16, 17]) if groups > 1 else rng.randint(1, 20)
+    cout_g = rng.choice([1, 2, 3, 4, 5, 8, 9])
+    kh, kw = rng.choice([1, 2, 3, 3, 5]), rng.choice([1, 2, 3, 3, 5])
+    stride = [rng.choice([1, 1, 2, 3]) for _ in range(2)]
+    dil = [rng.choice([1, 1, 2, 3]) for _ in range(2)]
+    pad = [rng.randint(0, 4) for _ in range(4)]
+    H = max(rng.randint(1, 20), dil[0] * (kh - 1) + 1 - pad[0] - pad[2])
+    W = max(rng.randint(1, 20), dil[1] * (kw - 1) + 1 - pad[1] - pad[3])
+    Cout = groups * cout_g
+    shuffle = rng.choice([d for d in range(1, Cout + 1) if Cout % d == 0][:4])
+    x = torch.randn(rng.randint(1, 3), groups * cin_g, H, W, dtype=torch.float64)
+    w = torch.randn(Cout, cin_g, kh, kw, dtype=torch.float64)
+    b = torch.randn(Cout, dtype=torch.float64) if rng.random() < 0.6 else None
+    desc = (f"conv2d x={list(x.shape)} w={list(w.shape)} s={stride} p={pad} d={dil} "
+            f"g={groups} shuffle={shuffle} bias={b is not None}")
+
+    def ref(x, w, b):  # torch pads symmetric only: pad first
+        xp = torch.nn.functional.pad(x, (pad[1], pad[3], pad[0], pad[2]))
+        return R.conv2d(xp, w, b, stride, 0, dil, groups, shuffle)
+
+    return desc, (lambda x, w, b: torch.ops.torchfuse.conv2d(
+        x, w, b, stride, pad, dil, groups, shuffle)), ref, [x, w, b]
+
+
+def case_gram(rng, F, R):
+    shape = [rng.randint(1, 3), rng.randint(1, 40)] + _spatial(rng, rng.randint(0, 3), 12)
+    normalize = rng.random() < 0.7
+    x = torch.randn(shape, dtype=torch.float64)
+    return f"gram_matrix {shape} normalize={normalize}", \
+        (lambda x: F.gram_matrix(x, normalize)), (lambda x: R.gram_matrix(x, normalize)), [x]
+
+
 CASES = {
     "group_norm": case_group_norm,
     "rms_norm": case_rms_norm,
     "l2_norm": case_l2_norm,
     "response_norm": case_response_norm,
     "channel_shuffle": case_channel_shuffle,
+    "conv2d": case_conv2d,
+    "gram_matrix": case_gram,
 }
 
 
