@@ -439,6 +439,35 @@ def test_convert_swaps_depthwise_convolutions(device):
     torch.testing.assert_close(gx, gx_r)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_autocast_like_torch(device, compiled):
+    """A converted model under autocast: torch's convolution hands the
+    depthwise one a low-precision activation while its weight stays float32;
+    conv2d casts every operand to the autocast dtype as torch's does, and
+    gives torch's result."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.Conv2d(16, 8, 1),
+    ).to(device)
+    conv = torchfuse.convert(model)
+    assert type(conv[2]) is torchfuse.nn.Conv2d
+    run = torch.compile(conv, fullgraph=True, backend="aot_eager") if compiled else conv
+    if compiled:
+        torch._dynamo.reset()
+    dt = torch.bfloat16 if device == "cpu" else torch.float16
+    x = randn(2, 3, 10, 10, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=dt):
+        out = run(x)
+        out_r = model(x)
+    assert out.dtype == dt
+    torch.testing.assert_close(out, out_r)
+    (gx,) = torch.autograd.grad(out.float().sum(), x)
+    (gx_r,) = torch.autograd.grad(out_r.float().sum(), x)
+    assert gx.dtype == torch.float32
+    torch.testing.assert_close(gx, gx_r)
+
+
 # ----------------------------------------------------------------- determinism
 @pytest.mark.parametrize("case", [GROUPED, DEPTHWISE_S2, IM2COL],
                          ids=["grouped", "depthwise", "im2col"])

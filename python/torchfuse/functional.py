@@ -199,8 +199,9 @@ def conv2d(
     computed by torchfuse's kernels: im2col + the platform BLAS / cuBLAS GEMM
     per group, or a direct kernel for depthwise convolutions (at most 8 outputs
     per input channel); integer inputs, which torch's CPU convolution also
-    takes, go to torch. The output is contiguous, or channels_last for
-    channels_last input (as torch's).
+    takes, go to torch. Under autocast every operand is cast to the autocast
+    dtype first, as torch's conv2d does. The output is contiguous, or
+    channels_last for channels_last input (as torch's).
     """
     check.tensor(input, "conv2d", "input")
     check.tensor(weight, "conv2d", "weight")
@@ -233,6 +234,14 @@ def conv2d(
     if not input.is_floating_point() or not use_kernel("conv2d", input.device):
         return reference.conv2d(input, weight, bias, stride, padding, dilation, groups,
                                 shuffle_groups)
+    dev = input.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        # as torch's conv2d under autocast: every operand in the autocast dtype
+        # (a converted model under autocast hands a bfloat16 activation and a
+        # float32 weight)
+        dt = torch.get_autocast_dtype(dev)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     out = call("conv2d", x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
