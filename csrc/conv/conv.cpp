@@ -176,11 +176,23 @@ int64_t chunk_of(int64_t per_sample_bytes, int64_t N) {
                              std::max<int64_t>(N, 1));
 }
 
-// bias (Cout) -> grad in conv channel order, from sums in stored order.
-at::Tensor unshuffle(const at::Tensor& s, const Geometry& g) {
-  if (g.shuffle == 1) return s;
-  // stored position p = i * shuffle + j holds channel j * m + i
-  return s.view({g.Cout / g.shuffle, g.shuffle}).t().reshape({g.Cout});
+// A per-channel vector (Cout) between conv channel order and stored order:
+// stored position p = i * shuffle + j holds channel j * m + i (m = Cout /
+// shuffle). shuffled: conv order -> stored; unshuffled: stored -> conv.
+at::Tensor shuffled(const at::Tensor& v, const Geometry& g) {
+  if (g.shuffle == 1) return v;
+  return v.view({g.shuffle, g.Cout / g.shuffle}).t().reshape({g.Cout});
+}
+
+at::Tensor unshuffled(const at::Tensor& v, const Geometry& g) {
+  if (g.shuffle == 1) return v;
+  return v.view({g.Cout / g.shuffle, g.shuffle}).t().reshape({g.Cout});
+}
+
+// The weight gradient's accumulator: gw itself where it has the accumulate
+// type, else a buffer of that type (copied into gw afterwards).
+at::Tensor weight_acc(const at::Tensor& gw, at::ScalarType acc) {
+  return gw.scalar_type() == acc ? gw : at::empty(gw.sizes(), gw.options().dtype(acc));
 }
 
 }  // namespace
@@ -231,9 +243,7 @@ at::Tensor forward(
   at::Tensor w2 = weight.view({g.Cout, Kg});
   if (aug) w2 = at::cat({w2, bias.view({g.Cout, 1})}, 1);
   if (bias.defined() && no_col) {
-    // stored position i * shuffle + j holds channel j * m + i
-    out.view({g.N, g.Cout, L}).copy_(
-        bias.view({g.shuffle, g.Cout / g.shuffle}).t().reshape({1, g.Cout, 1}));
+    out.view({g.N, g.Cout, L}).copy_(shuffled(bias, g).view({1, g.Cout, 1}));
   }
   const std::vector<Piece> ps = pieces(g);
   const double beta = bias.defined() && no_col ? 1.0 : 0.0;
@@ -297,16 +307,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::ScalarType acc = acc_type(input);
   at::Tensor gx, gw, gb;
   if (mask[2]) {
-    gb = unshuffle(dy.sum({0, 2, 3}, false, acc), g).to(weight.scalar_type());
+    gb = unshuffled(dy.sum({0, 2, 3}, false, acc), g).to(weight.scalar_type());
   } else {
     gb = at::empty({0}, weight.options());
   }
   gx = mask[0] ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
   gw = mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
-  const bool empty = g.N == 0 || g.Cout == 0 || g.L() == 0;
-  if (mask[0] && gx.numel() > 0 && (empty || g.cin_g() == 0)) gx.zero_();
-  if (mask[1] && gw.numel() > 0 && (empty || g.N == 0)) gw.zero_();
-  if (empty || g.Cin == 0) return {gx, gw, gb};
+  // (OH, OW >= 1: geometry() checks the kernel fits; with Cin == 0, gx and gw
+  // have no elements)
+  if (g.N == 0 || g.Cout == 0) {
+    if (mask[0]) gx.zero_();
+    if (mask[1]) gw.zero_();
+  }
+  if (g.N == 0 || g.Cout == 0 || g.Cin == 0) return {gx, gw, gb};
 
   if (launch.use_direct(g)) {
     DirectParams p;
@@ -319,9 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       launch.direct_dinput(p);
     }
     if (mask[1]) {
-      p.dw = at::empty(weight.sizes(), weight.options().dtype(acc));
+      p.dw = weight_acc(gw, acc);
       launch.direct_dweight(p);
-      gw.copy_(p.dw);
+      if (!p.dw.is_same(gw)) gw.copy_(p.dw);
     }
     return {gx, gw, gb};
   }
@@ -360,7 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   }
 
   if (mask[1]) {
-    at::Tensor dw = at::zeros({g.Cout, Kg}, weight.options().dtype(acc));
+    const at::Tensor dwt = weight_acc(gw, acc);
+    at::Tensor dw = dwt.view({g.Cout, Kg}).zero_();
     const int64_t per_sample = (g.Cin * g.kk() + g.Cout) * L * at::elementSize(acc);
     const int64_t nb = chunk_of(per_sample, g.N);
     at::Tensor col = at::empty({g.Cin * g.kk(), nb, L}, input.options().dtype(acc));
@@ -389,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
             dy2.narrow(0, gi * K, K), col2.narrow(0, gi * Kg, Kg).t(), 1.0, 1.0);
       }
     }
-    gw.copy_(dw.view(weight.sizes()));
+    if (!dwt.is_same(gw)) gw.copy_(dwt);
   }
   return {gx, gw, gb};
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <array>
 #include <tuple>
@@ -36,6 +37,15 @@ struct Geometry {
   }
 };
 
+// The output index o with o * s == u and 0 <= o < count, if there is one:
+// input row (column) h of a gather sums tap i at u = h + pt - i * dh, which
+// lands on an output only at multiples of the stride (col2im, grad_input).
+C10_HOST_DEVICE inline bool output_index(int64_t u, int64_t s, int64_t count, int64_t& o) {
+  if (u < 0 || u % s != 0) return false;
+  o = u / s;
+  return o < count;
+}
+
 // im2col for samples [0, nb) of x (nb, Cin, H, W) contiguous:
 //   col[n * ns + r * rs + l] = x[n, c, oh*sh - pt + i*dh, ow*sw - pl + j*dw]
 // (zero outside the image) with r = (c * KH + i) * KW + j, l = oh * OW + ow.
@@ -62,8 +72,9 @@ struct Col2imParams {
 
 // Direct kernels (no im2col, no GEMM) for the convolutions whose groups
 // have few input channels: depthwise ones above all. The launcher set says
-// which it takes (use_direct): the CPU kernels take any group with at most
-// 16 input channels per group (kernel larger than 1x1), the CUDA ones
+// which it takes (use_direct): the CPU kernels take every depthwise
+// convolution and any other whose groups have at most 16 input channels
+// and a kernel larger than 1x1, the CUDA ones
 // depthwise convolutions (one input channel per group) with at most 8
 // outputs per group. Accumulation in the accumulate type; all tensors
 // contiguous.

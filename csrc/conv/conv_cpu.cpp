@@ -33,6 +33,29 @@ inline void valid_range(int64_t off, int64_t s, int64_t size, int64_t count, int
   lo = std::min(lo, hi);
 }
 
+// A row of T to the accumulate type and back (vectorized conversions).
+template <typename T>
+TF_ALWAYS_INLINE void load_row(const T* src, at::opmath_type<T>* dst, int64_t n) {
+  using IO = cpu::VecIO<T>;
+  using A = at::opmath_type<T>;
+  cpu::for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
+    typename IO::AVec a, b;
+    IO::load(src + j, c, a, b);
+    cpu::AccIO<A>::store(dst + j, a, b, c);
+  });
+}
+
+template <typename T>
+TF_ALWAYS_INLINE void store_row(const at::opmath_type<T>* src, T* dst, int64_t n) {
+  using IO = cpu::VecIO<T>;
+  using A = at::opmath_type<T>;
+  cpu::for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
+    typename IO::AVec a, b;
+    cpu::AccIO<A>::load(src + j, c, a, b);
+    IO::store(dst + j, a, b, c);
+  });
+}
+
 template <typename T, typename C>
 void im2col_kernel(const Im2colParams& p) {
   const Geometry& g = p.g;
@@ -86,9 +109,8 @@ void col2im_kernel(const Col2imParams& p) {
       std::fill(acc.begin(), acc.end(), A(0));
       const T* cn = col + (n * g.Cin * kk + c * kk) * L;
       for (int64_t i = 0; i < g.KH; ++i) {
-        const int64_t u = h + g.pt - i * g.dh;
-        if (u < 0 || u % g.sh != 0 || u / g.sh >= g.OH) continue;
-        const int64_t oh = u / g.sh;
+        int64_t oh;
+        if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
         for (int64_t j = 0; j < g.KW; ++j) {
           const T* cr = cn + (i * g.KW + j) * L + oh * OW;
           // input column w takes output column ow with w = ow * sw - pl + j * dw
@@ -105,8 +127,7 @@ void col2im_kernel(const Col2imParams& p) {
           }
         }
       }
-      T* d = dx + t * W;
-      for (int64_t w = 0; w < W; ++w) d[w] = static_cast<T>(acc[w]);
+      store_row<T>(acc.data(), dx + t * W, W);
     }
   });
 }
@@ -122,28 +143,6 @@ void col2im_kernel(const Col2imParams& p) {
 // (j*dw) / sw, so for every stride a tap's reads along an output row are one
 // contiguous run, and an output row is cin_g * KH * KW vector multiply-adds
 // over contiguous runs, with the sums in registers.
-
-template <typename T>
-TF_ALWAYS_INLINE void load_row(const T* src, at::opmath_type<T>* dst, int64_t n) {
-  using IO = cpu::VecIO<T>;
-  using A = at::opmath_type<T>;
-  cpu::for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
-    typename IO::AVec a, b;
-    IO::load(src + j, c, a, b);
-    cpu::AccIO<A>::store(dst + j, a, b, c);
-  });
-}
-
-template <typename T>
-TF_ALWAYS_INLINE void store_row(const at::opmath_type<T>* src, T* dst, int64_t n) {
-  using IO = cpu::VecIO<T>;
-  using A = at::opmath_type<T>;
-  cpu::for_each_step<IO::kStep>(n, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
-    typename IO::AVec a, b;
-    cpu::AccIO<A>::load(src + j, c, a, b);
-    IO::store(dst + j, a, b, c);
-  });
-}
 
 struct PlaneShape {
   int64_t rows = 0, wph = 0, sw = 1, rs = 0;
@@ -239,15 +238,23 @@ TF_ALWAYS_INLINE void block_rows_n(int64_t rcount, const A* planes, int64_t psiz
   }
 }
 
-// The kFlat run of R output planes (e < E) into obuf (plane r at r * E).
-template <typename A>
+// The kFlat run of R output planes (e < E = rows * rs) through obuf (plane
+// r at r * E), then each plane's rows (their first OWn columns) stored to
+// out(r), an (rows, OWn) plane of T.
+template <typename T, typename A, typename Out>
 TF_ALWAYS_INLINE void flat_block(int64_t R, const A* planes, int64_t psize, int64_t nin,
                                  int64_t rs, const int64_t* toff, int64_t kk, const A* wblk,
-                                 const A* init, int64_t E, A* obuf) {
+                                 const A* init, int64_t rows, int64_t OWn, A* obuf,
+                                 const Out& out) {
   using AVec = at::vec::Vectorized<A>;
+  const int64_t E = rows * rs;
   block_rows_n(R, planes, psize, nin, rs, toff, kk, wblk, init, 1, 1, E,
                [&](int64_t r, int64_t, int64_t e, int64_t cnt, const AVec& u, const AVec& v)
                    TF_INLINE_LAMBDA { cpu::AccIO<A>::store(obuf + r * E + e, u, v, cnt); });
+  for (int64_t r = 0; r < R; ++r) {
+    T* o = out(r);
+    for (int64_t h = 0; h < rows; ++h) store_row<T>(obuf + r * E + h * rs, o + h * OWn, OWn);
+  }
 }
 
 // toff[i * KW + j] = i * dh * rs + (where column tap j*dw starts in a row)
@@ -260,8 +267,9 @@ inline std::vector<int64_t> tap_offsets(const Geometry& g, const PlaneShape& s) 
 }
 
 // Forward: one task per (sample, group, block of up to kBlock output
-// channels): the group's cin_g input planes copied and padded, then the
-// block's output rows.
+// channels): the group's cin_g input planes copied and padded (once per run
+// of consecutive tasks of one sample and group), then the block's output
+// rows.
 template <typename T>
 void direct_forward_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
@@ -283,7 +291,8 @@ void direct_forward_kernel(const DirectParams& p) {
         obuf(flat ? kBlock * E : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
-      for (int64_t ci = 0; ci < cin_g; ++ci) {
+      // the blocks of one (sample, group) are consecutive tasks: fill once
+      for (int64_t ci = 0; ci < cin_g && (t == begin || blk == 0); ++ci) {
         fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s,
                    planes.data() + ci * psize, row.data());
       }
@@ -297,14 +306,9 @@ void direct_forward_kernel(const DirectParams& p) {
       }
       T* o = out + n * g.Cout * OH * OW;
       if (flat) {
-        flat_block(R, planes.data(), psize, cin_g, s.rs, toff.data(), kk, wblk.data(),
-                   init.data(), E, obuf.data());
-        for (int64_t r = 0; r < R; ++r) {
-          T* oc = o + g.pos(c0 + r) * OH * OW;
-          for (int64_t oh = 0; oh < OH; ++oh) {
-            store_row<T>(obuf.data() + r * E + oh * s.rs, oc + oh * OW, OW);
-          }
-        }
+        flat_block<T>(R, planes.data(), psize, cin_g, s.rs, toff.data(), kk, wblk.data(),
+                      init.data(), OH, OW, obuf.data(),
+                      [&](int64_t r) TF_INLINE_LAMBDA { return o + g.pos(c0 + r) * OH * OW; });
         continue;
       }
       block_rows_n(R, planes.data(), psize, cin_g, s.rs, toff.data(), kk, wblk.data(),
@@ -346,7 +350,8 @@ void direct_dinput_kernel(const DirectParams& p) {
         init(kBlock, A(0)), obuf(kBlock * E);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
-      for (int64_t co = 0; co < cout_g; ++co) {
+      // the blocks of one (sample, group) are consecutive tasks: fill once
+      for (int64_t co = 0; co < cout_g && (t == begin || blk == 0); ++co) {
         const T* dyc = dy + (n * g.Cout + g.pos(gi * cout_g + co)) * OH * OW;
         A* buf = planes.data() + co * psize;
         std::fill(buf, buf + s.size(), A(0));
@@ -372,13 +377,9 @@ void direct_dinput_kernel(const DirectParams& p) {
         }
       }
       T* d = dx + (n * g.Cin + gi * cin_g + i0) * H * W;
-      flat_block(R, planes.data(), psize, cout_g, s.rs, toff.data(), kk, wblk.data(),
-                 init.data(), E, obuf.data());
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t h = 0; h < H; ++h) {
-          store_row<T>(obuf.data() + r * E + h * s.rs, d + (r * H + h) * W, W);
-        }
-      }
+      flat_block<T>(R, planes.data(), psize, cout_g, s.rs, toff.data(), kk, wblk.data(),
+                    init.data(), H, W, obuf.data(),
+                    [&](int64_t r) TF_INLINE_LAMBDA { return d + r * H * W; });
     }
   });
 }

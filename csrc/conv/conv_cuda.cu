@@ -75,13 +75,11 @@ __global__ void col2im_kernel(const T* __restrict__ col, T* __restrict__ dx, Geo
     const T* cn = col + nc * kk * L;  // (n, c) rows start at (n Cin + c) kk
     A acc = 0;
     for (int64_t i = 0; i < g.KH; ++i) {
-      const int64_t u = h + g.pt - i * g.dh;
-      if (u < 0 || u % g.sh != 0 || u / g.sh >= g.OH) continue;
-      const int64_t oh = u / g.sh;
+      int64_t oh, ow;
+      if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
       for (int64_t j = 0; j < g.KW; ++j) {
-        const int64_t v = w + g.pl - j * g.dw;
-        if (v < 0 || v % g.sw != 0 || v / g.sw >= g.OW) continue;
-        acc += static_cast<A>(cn[(i * g.KW + j) * L + oh * g.OW + v / g.sw]);
+        if (!output_index(w + g.pl - j * g.dw, g.sw, g.OW, ow)) continue;
+        acc += static_cast<A>(cn[(i * g.KW + j) * L + oh * g.OW + ow]);
       }
     }
     dx[e] = static_cast<T>(acc);
@@ -132,14 +130,11 @@ __global__ void dw_dinput_kernel(const T* __restrict__ dy, const T* __restrict__
       const T* dyc = dy + (n * g.Cout + pos_of(g, c)) * g.OH * g.OW;
       const T* wc = wt + c * g.KH * g.KW;
       for (int64_t i = 0; i < g.KH; ++i) {
-        const int64_t u = h + g.pt - i * g.dh;
-        if (u < 0 || u % g.sh != 0 || u / g.sh >= g.OH) continue;
-        const int64_t oh = u / g.sh;
+        int64_t oh, ow;
+        if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
         for (int64_t j = 0; j < g.KW; ++j) {
-          const int64_t v = w + g.pl - j * g.dw;
-          if (v < 0 || v % g.sw != 0 || v / g.sw >= g.OW) continue;
-          acc += static_cast<A>(wc[i * g.KW + j]) *
-              static_cast<A>(dyc[oh * g.OW + v / g.sw]);
+          if (!output_index(w + g.pl - j * g.dw, g.sw, g.OW, ow)) continue;
+          acc += static_cast<A>(wc[i * g.KW + j]) * static_cast<A>(dyc[oh * g.OW + ow]);
         }
       }
     }

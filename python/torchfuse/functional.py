@@ -196,10 +196,12 @@ def conv2d(
     unbatched 3-D input); with ``shuffle_groups=g > 1`` the result equals
     ``channel_shuffle(conv2d(...), g)``: the GEMM (or the depthwise kernel)
     stores each output channel at its shuffled position. Floating inputs are
-    computed by torchfuse's kernels: im2col + the platform BLAS / cuBLAS GEMM
-    per group, or a direct kernel for depthwise convolutions (at most 8 outputs
-    per input channel); integer inputs, which torch's CPU convolution also
-    takes, go to torch. Under autocast every operand is cast to the autocast
+    computed by torchfuse's kernels: direct kernels for groups with few input
+    channels (CPU: every depthwise convolution and groups of at most 16 input
+    channels with a kernel larger than 1x1; CUDA: depthwise with at most 8
+    outputs per group), im2col + the platform BLAS / cuBLAS GEMM per group
+    otherwise; integer inputs, which torch's CPU convolution also takes, go
+    to torch. Under autocast every operand is cast to the autocast
     dtype first, as torch's conv2d does. The output is contiguous, or
     channels_last for channels_last input (as torch's).
     """

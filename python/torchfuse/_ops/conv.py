@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import channel_shuffle
 from . import op_defined, register_autograd
 from .l2_norm import _grad_of_formula
 
@@ -30,26 +31,6 @@ def out_size(input_hw, weight_hw, stride, padding, dilation) -> tuple[int, int]:
     return oh, ow
 
 
-def unshuffle(t: torch.Tensor, shuffle: int, dim: int = 1) -> torch.Tensor:
-    """The inverse of channel_shuffle(., shuffle) along `dim`."""
-    if shuffle == 1:
-        return t
-    c = t.shape[dim]
-    shape = list(t.shape)
-    return t.reshape(*shape[:dim], c // shuffle, shuffle, *shape[dim + 1:]).transpose(
-        dim, dim + 1).reshape(shape)
-
-
-def shuffle_channels(t: torch.Tensor, shuffle: int, dim: int = 1) -> torch.Tensor:
-    """channel_shuffle(t, shuffle) along `dim`, as torch ops."""
-    if shuffle == 1:
-        return t
-    c = t.shape[dim]
-    shape = list(t.shape)
-    return t.reshape(*shape[:dim], shuffle, c // shuffle, *shape[dim + 1:]).transpose(
-        dim, dim + 1).reshape(shape)
-
-
 def conv_formula(x, w, b, stride, padding, dilation, groups, shuffle):
     """The op as differentiable torch ops (4-D input, padding as the op's)."""
     pt, pl, pb, pr = pad4(padding)
@@ -57,7 +38,7 @@ def conv_formula(x, w, b, stride, padding, dilation, groups, shuffle):
         x = torch.nn.functional.pad(x, (pl, pr, pt, pb))
         pt = pl = 0
     y = torch.nn.functional.conv2d(x, w, b, _pair(stride), (pt, pl), _pair(dilation), groups)
-    return shuffle_channels(y, shuffle)
+    return channel_shuffle(y, shuffle) if shuffle > 1 else y
 
 
 def conv_backward_formula(dy, x, w, stride, padding, dilation, groups, shuffle, mask):
@@ -75,7 +56,8 @@ def conv_backward_formula(dy, x, w, stride, padding, dilation, groups, shuffle, 
             gx = next(got) if mask[0] else None
             gw = next(got) if mask[1] else None
     if mask[2]:
-        gb = unshuffle(dy, shuffle).sum((0, 2, 3))
+        # the inverse shuffle of channel_shuffle(., s) is channel_shuffle(., C // s)
+        gb = channel_shuffle(dy, dy.shape[1] // shuffle).sum((0, 2, 3))
     return gx, gw, gb
 
 
