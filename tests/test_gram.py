@@ -359,6 +359,33 @@ def test_gram_matrix_module(device):
     assert torch.equal(torchfuse.nn.GramMatrix(normalize=False)(x), F.gram_matrix(x, False))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_gram_matrix_autocast_like_bmm(device, compiled):
+    """Under autocast torch's bmm casts a float32 input to the autocast
+    dtype; gram_matrix does the same (it returned float32 before), and its
+    result and gradient match the float64 formula on the cast input."""
+    dt = torch.bfloat16 if device == "cpu" else torch.float16
+    if compiled:
+        torch._dynamo.reset()
+    fn = torch.compile(F.gram_matrix, fullgraph=True, backend="aot_eager") \
+        if compiled else F.gram_matrix
+    x = randn(2, 6, 5, 5, device=device, requires_grad=True)
+    go = randn(2, 6, 6, device=device).to(dt)
+    with torch.autocast(device, dtype=dt):
+        out = fn(x)
+        flat = x.flatten(2)
+        theirs = torch.bmm(flat, flat.transpose(1, 2)) / (6 * 25)
+    assert out.dtype == theirs.dtype == dt
+    (gx,) = torch.autograd.grad(out, x, go)
+    (gx_t,) = torch.autograd.grad(theirs, x, go)
+    assert gx.dtype == torch.float32
+    x64 = x.detach().to(dt).double().requires_grad_()
+    ref = R.gram_matrix(x64)
+    (gx64,) = torch.autograd.grad(ref, x64, go.double())
+    assert_close_to_ref(out, ref, dt, theirs, name="out")
+    assert_close_to_ref(gx, gx64, dt, gx_t, name="grad_input")
+
+
 def test_style_loss_module(device):
     t = randn(5, 5, device=device, requires_grad=True)
     m = torchfuse.nn.StyleLoss(t, reduction="sum")

@@ -289,6 +289,40 @@ def test_cosine_linear_magnitudes(device, dtype, scale, wscale):
     _compare(ours, ref, theirs, dtype, ("out", "grad_input", "grad_weight", "grad_bias"))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_cosine_linear_autocast_like_linear(device, compiled):
+    """Under autocast torch's Linear hands CosineLinear a low-precision
+    activation while its own weight stays float32: every operand is cast to
+    the autocast dtype, as torch's linear does (the mix raised before).
+    Output and the float32 weight's gradient are checked against the float64
+    formula on the operands as cast."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 32).to(device)
+    cos = torchfuse.nn.CosineLinear(32, 10, bias=True).to(device)
+    with torch.no_grad():
+        cos.bias.normal_()
+    model = torch.nn.Sequential(lin, cos)
+    if compiled:
+        torch._dynamo.reset()
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    dt = torch.bfloat16 if device == "cpu" else torch.float16
+    x = randn(4, 16, device=device)
+    go = randn(4, 10, device=device)
+    with torch.autocast(device, dtype=dt):
+        out = run(x)
+        h = lin(x).detach()
+        theirs = _torch_cos(h, cos.weight, cos.bias, cos.eps)
+    assert h.dtype == dt and out.dtype == dt and theirs.dtype == dt
+    (gw,) = torch.autograd.grad(out, cos.weight, go.to(dt))
+    (gw_t,) = torch.autograd.grad(theirs, cos.weight, go.to(dt))
+    assert gw.dtype == torch.float32
+    ops64 = [_leaf(t.to(dt), torch.float64) for t in (h, cos.weight, cos.bias)]
+    ref = R.cosine_linear(*ops64, cos.eps)
+    (gw64,) = torch.autograd.grad(ref, ops64[1], go.to(dt).double())
+    assert_close_to_ref(out, ref, dt, theirs, name="out")
+    assert_close_to_ref(gw, gw64, dt, gw_t, name="grad_weight")
+
+
 def test_cosine_linear_zero_rows_and_sizes(device):
     x = randn(5, 12, device=device, requires_grad=True)
     w = randn(6, 12, device=device, requires_grad=True)

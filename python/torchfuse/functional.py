@@ -161,6 +161,20 @@ def group_norm(
 
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple:
+    """The tensors cast to the autocast dtype of their device when autocast is
+    enabled there, as torch's autocast casts the operands of the ops on its
+    lower-precision list (conv2d, linear, matmul, bmm); None stays None."""
+    first = tensors[0]
+    dev = first.device.type
+    if not first.is_floating_point() or dev not in ("cpu", "cuda") \
+            or not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None or not t.is_floating_point() else t.to(dt)
+                 for t in tensors)
+
+
 def _conv_pair(value, arg: str) -> list[int]:
     """stride / padding / dilation as torch's parser takes them: an int or a
     sequence of ints (its length checked by the op)."""
@@ -236,14 +250,9 @@ def conv2d(
     if not input.is_floating_point() or not use_kernel("conv2d", input.device):
         return reference.conv2d(input, weight, bias, stride, padding, dilation, groups,
                                 shuffle_groups)
-    dev = input.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        # as torch's conv2d under autocast: every operand in the autocast dtype
-        # (a converted model under autocast hands a bfloat16 activation and a
-        # float32 weight)
-        dt = torch.get_autocast_dtype(dev)
-        input, weight = input.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+    # a converted model under autocast hands a bfloat16 activation and a
+    # float32 weight
+    input, weight, bias = _autocast(input, weight, bias)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     out = call("conv2d", x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
@@ -441,7 +450,8 @@ def cosine_linear(
     + bias``; ``input (*, in)``, ``weight (out, in)``, ``bias (out,)`` or
     None. The row norms come from fused kernels and are applied in an epilogue
     over the GEMM's output (the GEMM is the platform BLAS): no normalized copy
-    of input or weight is made, forward or backward.
+    of input or weight is made, forward or backward. Under autocast the
+    operands are first cast to the autocast dtype, as torch's ``linear``.
     """
     check.tensor(input, "cosine_linear", "input")
     check.tensor(weight, "cosine_linear", "weight")
@@ -450,6 +460,8 @@ def cosine_linear(
     check.floating(input, "cosine_linear")
     if not use_kernel("cosine_linear", input.device):
         return reference.cosine_linear(input, weight, bias, eps)
+    # as torch's linear under autocast: every operand in the autocast dtype
+    input, weight, bias = _autocast(input, weight, bias)
     return call("cosine_linear", input, weight, bias, float(eps))[0]
 
 
@@ -471,6 +483,8 @@ def gram_matrix(input: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     it, accumulating in float32 (float64 for float64); output in the input's
     dtype. Contiguous and channels_last input are read in place. The
     backward, ``dF = s (dG + dG^T) F``, is one GEMM where autograd's runs two.
+    Under autocast the input is first cast to the autocast dtype, as torch's
+    ``bmm`` casts its operands.
     """
     _gram_input(input, "gram_matrix")
     if not isinstance(normalize, bool):
@@ -478,6 +492,8 @@ def gram_matrix(input: torch.Tensor, normalize: bool = True) -> torch.Tensor:
             f"gram_matrix(): argument 'normalize' must be bool, not {type(normalize).__name__}")
     if not use_kernel("gram_matrix", input.device):
         return reference.gram_matrix(input, normalize)
+    # as torch's bmm under autocast: the product in the autocast dtype
+    (input,) = _autocast(input)
     return call("gram_matrix", input, normalize)
 
 
