@@ -18,10 +18,13 @@ from torchfuse import reference as R
 from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, randn
 
 # (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, shuffle)
-# The CPU kernels compute groups of at most 16 input channels with a kernel
+# The CPU kernels compute groups of at most 16 input channels (8 in float32
+# and float64 when torch's convolution is the alternative) with a kernel
 # larger than 1x1 directly (blocks of 4 output or input channels, so counts
 # that are not multiples of 4 matter) and the rest with im2col + GEMM; the
-# CUDA kernels only depthwise ones directly. Both paths appear on each.
+# CUDA kernels only depthwise ones directly. The rest, when there is no
+# shuffle to fuse and the padding is symmetric, is torch's own convolution
+# (PLATFORM). Every path appears on each device.
 CASES = [
     # groups = 1: odd sizes, stride, dilation, rectangular kernel; direct on
     # CPU (5 or 3 input channels) and im2col + GEMM (17 to 20)
@@ -36,12 +39,13 @@ CASES = [
     (2, 8, 6, 5, 12, 3, 2, 1, 1, 4, 1),
     (2, 12, 5, 6, 12, 3, 1, 1, 1, 3, 3),
     (2, 12, 5, 6, 24, 3, 1, 2, 2, 3, 4),
-    (1, 32, 6, 6, 10, 3, 1, 1, 1, 2, 1),
+    (1, 32, 6, 6, 10, 3, 1, 1, 1, 2, 1),  # float32: torch's convolution, else direct
+    (1, 32, 6, 6, 10, 3, 1, 1, 1, 2, 2),  # direct (16 per group, shuffled)
     (1, 34, 6, 5, 4, 3, 2, 2, 2, 2, 2),
     # 1x1, stride 1, no padding: the GEMM reads the input (no im2col)
     (3, 12, 6, 6, 12, 1, 1, 0, 1, 3, 3),
     (3, 12, 4, 7, 8, 1, 1, 0, 1, 1, 2),
-    (2, 6, 5, 5, 6, 1, 2, 0, 1, 2, 1),  # 1x1 strided: im2col again
+    (2, 6, 5, 5, 6, 1, 2, 0, 1, 2, 3),  # 1x1 strided: im2col again
     # depthwise (multiplier 1, 2 and 8) and past the direct kernel (16)
     (2, 8, 9, 7, 8, 3, 1, 1, 1, 8, 1),
     (2, 6, 10, 9, 6, 3, 2, 1, 1, 6, 2),
@@ -59,7 +63,8 @@ GROUPED = (2, 12, 5, 6, 12, 3, 1, 1, 1, 3, 3)
 ONE_BY_ONE = (3, 12, 6, 6, 12, 1, 1, 0, 1, 3, 3)
 DEPTHWISE_S2 = (2, 6, 10, 9, 6, 3, 2, 1, 1, 6, 2)
 IM2COL = (2, 18, 7, 6, 6, 3, 1, 1, 1, 1, 2)
-for _c in (GROUPED, ONE_BY_ONE, DEPTHWISE_S2, IM2COL):
+PLATFORM = (1, 20, 9, 8, 6, (2, 3), (2, 1), (1, 0), (1, 2), 1, 1)
+for _c in (GROUPED, ONE_BY_ONE, DEPTHWISE_S2, IM2COL, PLATFORM):
     assert _c in CASES
 
 
@@ -137,14 +142,38 @@ def test_conv2d_no_bias_float64(device, case):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
-@pytest.mark.parametrize("case", [GROUPED, ONE_BY_ONE, DEPTHWISE_S2, IM2COL],
-                         ids=["grouped", "1x1", "depthwise", "im2col"])
+@pytest.mark.parametrize("case", [GROUPED, ONE_BY_ONE, DEPTHWISE_S2, IM2COL, PLATFORM],
+                         ids=["grouped", "1x1", "depthwise", "im2col", "platform"])
 def test_conv2d_layouts(device, layout, case):
     x = _tensors(case, torch.float32, device, layout=layout)[0]
     out, gx = _check_case(case, torch.float32, device, layout=layout)[:2]
     if layout == "channels_last":  # as torch: channels_last in, channels_last out
         assert out.is_contiguous(memory_format=torch.channels_last)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
     assert gx.shape == x.shape
+
+
+@pytest.mark.parametrize("case", [(2, 64, 12, 12, 32, 3, 1, 1, 1, 1, 1),
+                                  (2, 34, 6, 5, 4, 3, 2, 2, 2, 2, 1)],
+                         ids=["groups1", "grouped"])
+def test_conv2d_platform_path_is_torchs(device, case):
+    """No direct kernel, no shuffle, symmetric padding: torch's own
+    convolution runs (oneDNN / cuDNN, faster than im2col + GEMM there), so
+    the output and the input and weight gradients are torch's, bit for bit on
+    the CPU (im2col + GEMM sums in another order here: the output and
+    grad_input of the first case and grad_weight of the second differ)."""
+    x, w, b = _tensors(case, torch.float32, device)
+    args = _args(case)
+    go = randn(*F.conv2d(x, w, b, **args).shape, device=device)
+    ours = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
+    lt = [_leaf(t) for t in (x, w, b)]
+    theirs = _run(lambda *t: _torch_conv(*t, **args), lt, go)
+    for o, t, name in zip(ours[:3], theirs[:3], ("out", "grad_input", "grad_weight")):
+        if device == "cpu":
+            assert torch.equal(o, t), name
+        else:
+            torch.testing.assert_close(o, t)
+    _check_case(case, torch.float32, device)
 
 
 def test_conv2d_unbatched(device):
@@ -230,6 +259,7 @@ GRADCHECK = [
     (1, 4, 6, 5, 8, 3, 2, 2, 2, 4, 2),  # depthwise, multiplier 2
     (2, 6, 3, 4, 4, 1, 1, 0, 1, 2, 2),  # direct 1x1
     (1, 3, 5, 6, 4, (2, 3), 1, "same", 1, 1, 1),
+    (1, 18, 4, 5, 4, 3, 1, 1, 2, 1, 1),  # torch's convolution (PLATFORM)
 ]
 
 
@@ -266,8 +296,10 @@ def test_double_backward_matches_reference(device):
 def _opcheck_samples(device):
     ops = torch.ops.torchfuse
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for case in (GRADCHECK[0], GRADCHECK[1], GRADCHECK[2]):
-            x, w, b = _tensors(case, dtype, device)
+        layouts = ("contiguous", "channels_last") if dtype == torch.float32 else ("contiguous",)
+        for case, layout in [(c, lay) for c in (*GRADCHECK[:3], GRADCHECK[4])
+                             for lay in layouts]:
+            x, w, b = _tensors(case, dtype, device, layout=layout)
             s, p, d, g, sg = case[6:]
             p4 = [p, p, p, p]
             yield ops.conv2d.default, (x, w, b, [s, s], p4, [d, d], g, sg)
@@ -415,20 +447,23 @@ def test_module_shuffle_groups(device):
     torch.testing.assert_close(m(x), expected)
 
 
-def test_convert_swaps_depthwise_convolutions(device):
+def test_convert_swaps_grouped_and_dilated_convolutions(device):
+    """API.md: every zero-padded Conv2d that is grouped or dilated."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),                        # plain: kept
         torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),              # depthwise
         torch.nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=8),  # depthwise, x2
-        torch.nn.Conv2d(16, 12, 3, padding=2, dilation=2),          # dilated: kept
+        torch.nn.Conv2d(16, 12, 3, padding=2, dilation=2),          # dilated
         torch.nn.Conv2d(12, 12, 3, padding=1, groups=12, padding_mode="reflect"),  # kept
-        torch.nn.Conv2d(12, 6, 1, groups=3),                        # grouped: kept
+        torch.nn.Conv2d(12, 36, 1, groups=3),                       # grouped
+        torch.nn.Conv2d(36, 6, 3, padding=1, groups=2),             # grouped, 18 per group
     ).to(device)
     conv = torchfuse.convert(model)
     kinds = [type(m) for m in conv]
     assert kinds == [torch.nn.Conv2d, torchfuse.nn.Conv2d, torchfuse.nn.Conv2d,
-                     torch.nn.Conv2d, torch.nn.Conv2d, torch.nn.Conv2d]
+                     torchfuse.nn.Conv2d, torch.nn.Conv2d, torchfuse.nn.Conv2d,
+                     torchfuse.nn.Conv2d]
     assert list(conv.state_dict()) == list(model.state_dict())
     assert torch.equal(conv[1].weight, model[1].weight)
     assert type(model[1]) is torch.nn.Conv2d  # not in place by default

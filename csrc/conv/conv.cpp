@@ -1,6 +1,8 @@
 // 2-D convolution with a fused channel shuffle: argument checks, geometry,
 // the GEMMs and buffers, shared by the CPU (conv_cpu.cpp) and CUDA
-// (conv_cuda.cu) kernels. Layout: NCHW (the input is made contiguous).
+// (conv_cuda.cu) kernels. Layout: the kernels compute NCHW (a channels_last
+// input is copied to contiguous and the output copied back; torch's own
+// convolution, below, takes it as it is).
 //
 // General case (im2col + GEMM, as Caffe): for a chunk of nb samples, the
 // im2col launcher writes col (nb, groups * (Kg + aug), L), Kg = Cin/groups *
@@ -17,8 +19,10 @@
 //   stride shuffle * L: each group's GEMM is split at the shuffle groups'
 //   boundaries, and the shuffle costs no memory pass.
 // Groups with few input channels (launch.use_direct: on CPU at most 16 per
-// group, on CUDA depthwise with at most 8 outputs per group): the direct
-// kernels of the launchers, the shuffle in their index arithmetic.
+// group, or 8, on CUDA depthwise with at most 8 outputs per group): the
+// direct kernels of the launchers, the shuffle in their index arithmetic.
+// The rest, when there is no shuffle to fuse, is torch's own convolution
+// (Path below).
 // Backward: grad_input = col2im(W^T dy) (same pieces, dy read through the
 // same strided views); grad_weight = sum over chunks of dy (Cout, nb L) .
 // col^T, accumulated in float32 (float64 for float64): im2col writes col
@@ -141,6 +145,39 @@ bool reads_input(const Geometry& g) {
       g.pb == 0 && g.pr == 0;
 }
 
+// The output's (and grad_input's) memory format: channels_last for a
+// channels_last input, as torch's convolution; the fake kernels
+// (python/torchfuse/_ops/conv.py) apply the same rule.
+at::MemoryFormat layout_of(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
+      ? at::MemoryFormat::ChannelsLast
+      : at::MemoryFormat::Contiguous;
+}
+
+// grad_input in the input's memory format (an output not asked for is empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
+    const at::Tensor& gx, const at::Tensor& gw, const at::Tensor& gb, at::MemoryFormat fmt) {
+  return {gx.dim() == 4 ? gx.contiguous(fmt) : gx, gw, gb};
+}
+
+// Which code computes a convolution. Convolutions that no direct kernel
+// takes and that have no shuffle to fuse (nor the asymmetric padding torch's
+// convolution lacks) run torch's own convolution, oneDNN on the CPU and
+// cuDNN on CUDA: on the 2-core Xeon, im2col + per-group GEMMs took 1.3-5x
+// its time at groups of 24-64 input channels (ResNeXt, RegNet) and was
+// 0.5-1.4x it on dilated convolutions (DeepLabv3, DRN).
+struct Path {
+  bool direct = false, platform = false;
+};
+
+Path path_of(const Geometry& g, at::ScalarType dtype, const Launchers& launch) {
+  const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
+  Path p;
+  p.direct = launch.use_direct(g, dtype, alt);
+  p.platform = alt && !p.direct;
+  return p;
+}
+
 // Output rows [a, b) of one group that lie in one shuffle group: they are
 // stored from position pos(a) on, every `shuffle` channels.
 struct Piece {
@@ -220,12 +257,18 @@ at::Tensor forward(
         " elements, but got bias of size ", bias.sizes(), " instead");
     bias = bias.contiguous();
   }
+  const at::MemoryFormat fmt = layout_of(input_);
+  const Path path = path_of(g, input_.scalar_type(), launch);
+  if (path.platform && g.N > 0 && g.Cout > 0) {
+    return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
+                           false, {0, 0}, g.groups).contiguous(fmt);
+  }
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
   at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return out.contiguous(fmt);
 
-  if (launch.use_direct(g)) {
+  if (path.direct) {
     DirectParams p;
     p.x = input;
     p.w = weight;
@@ -233,7 +276,7 @@ at::Tensor forward(
     p.out = out;
     p.g = g;
     launch.direct_forward(p);
-    return out;
+    return out.contiguous(fmt);
   }
 
   const int64_t Kg = g.cin_g() * g.kk(), L = g.L();
@@ -278,7 +321,7 @@ at::Tensor forward(
       o.baddbmm_(w, c, beta, 1.0);
     }
   }
-  return out;
+  return out.contiguous(fmt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
@@ -301,42 +344,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
           grad_out_.size(2) == g.OH && grad_out_.size(3) == g.OW,
       "conv2d_backward: expected grad_out of size [", g.N, ", ", g.Cout, ", ", g.OH, ", ",
       g.OW, "], but got ", grad_out_.sizes());
+  const at::MemoryFormat fmt = layout_of(input_);
+  const at::ScalarType acc = acc_type(input_);
+  const at::Tensor gb =
+      mask[2] ? unshuffled(grad_out_.sum({0, 2, 3}, false, acc), g).to(weight_.scalar_type())
+              : at::empty({0}, weight_.options());
+  // what is left to the kernels here
+  std::array<bool, 2> ours{mask[0], mask[1]};
+  at::Tensor gx, gw;
+  const Path path = path_of(g, input_.scalar_type(), launch);
+  if (path.platform && g.N > 0 && g.Cout > 0 && (mask[0] || mask[1])) {
+    // torch's convolution_backward, except a float16/bfloat16 weight gradient
+    // with few groups: im2col + the float32 GEMM below measured 1.3-2.9x
+    // faster than oneDNN's bfloat16 one (2-core Xeon; groups 1, 2, 3 and 7:
+    // AlexNet, DeepLabv3, DRN, ShuffleNet v1, RegNet shapes), 0.66x at 32
+    // groups (ResNeXt-50 stage 4); float32 was even or slower.
+    const bool own_dw = mask[1] && weight_.scalar_type() != acc && g.groups <= 8;
+    if (mask[0] || !own_dw) {
+      auto [tx, tw, tb] = at::convolution_backward(
+          grad_out_, input_, weight_, std::nullopt, {g.sh, g.sw}, {g.pt, g.pl},
+          {g.dh, g.dw}, false, {0, 0}, g.groups, {mask[0], mask[1] && !own_dw, false});
+      if (mask[0]) gx = tx.contiguous(fmt);
+      if (mask[1] && !own_dw) gw = tw.contiguous();
+    }
+    ours = {false, own_dw};
+  }
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
-  const at::Tensor dy = grad_out_.contiguous();
-  const at::ScalarType acc = acc_type(input);
-  at::Tensor gx, gw, gb;
-  if (mask[2]) {
-    gb = unshuffled(dy.sum({0, 2, 3}, false, acc), g).to(weight.scalar_type());
-  } else {
-    gb = at::empty({0}, weight.options());
+  if (!gx.defined()) {
+    gx = ours[0] ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
   }
-  gx = mask[0] ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
-  gw = mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  if (!gw.defined()) {
+    gw = ours[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  }
   // (OH, OW >= 1: geometry() checks the kernel fits; with Cin == 0, gx and gw
   // have no elements)
   if (g.N == 0 || g.Cout == 0) {
-    if (mask[0]) gx.zero_();
-    if (mask[1]) gw.zero_();
+    if (ours[0]) gx.zero_();
+    if (ours[1]) gw.zero_();
   }
-  if (g.N == 0 || g.Cout == 0 || g.Cin == 0) return {gx, gw, gb};
+  if (g.N == 0 || g.Cout == 0 || g.Cin == 0 || !(ours[0] || ours[1])) {
+    return in_layout(gx, gw, gb, fmt);
+  }
+  const at::Tensor dy = grad_out_.contiguous();
 
-  if (launch.use_direct(g)) {
+  if (path.direct) {
     DirectParams p;
     p.x = input;
     p.w = weight;
     p.dy = dy;
     p.g = g;
-    if (mask[0]) {
+    if (ours[0]) {
       p.dx = gx;
       launch.direct_dinput(p);
     }
-    if (mask[1]) {
+    if (ours[1]) {
       p.dw = weight_acc(gw, acc);
       launch.direct_dweight(p);
       if (!p.dw.is_same(gw)) gw.copy_(p.dw);
     }
-    return {gx, gw, gb};
+    return in_layout(gx, gw, gb, fmt);
   }
 
   const int64_t Kg = g.cin_g() * g.kk(), L = g.L();
@@ -344,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const std::vector<Piece> ps = pieces(g);
   const at::Tensor w2 = weight.view({g.Cout, Kg});
 
-  if (mask[0]) {
+  if (ours[0]) {
     const int64_t nb =
         no_col ? g.N : chunk_of(g.Cin * g.kk() * L * input.element_size(), g.N);
     at::Tensor dcol =
@@ -372,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
   }
 
-  if (mask[1]) {
+  if (ours[1]) {
     const at::Tensor dwt = weight_acc(gw, acc);
     at::Tensor dw = dwt.view({g.Cout, Kg}).zero_();
     const int64_t per_sample = (g.Cin * g.kk() + g.Cout) * L * at::elementSize(acc);
@@ -405,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
     if (!dwt.is_same(gw)) gw.copy_(dwt);
   }
-  return {gx, gw, gb};
+  return in_layout(gx, gw, gb, fmt);
 }
 
 }  // namespace torchfuse::conv

@@ -72,12 +72,14 @@ struct Col2imParams {
 
 // Direct kernels (no im2col, no GEMM) for the convolutions whose groups
 // have few input channels: depthwise ones above all. The launcher set says
-// which it takes (use_direct): the CPU kernels take every depthwise
-// convolution and any other whose groups have at most 16 input channels
-// and a kernel larger than 1x1, the CUDA ones
-// depthwise convolutions (one input channel per group) with at most 8
-// outputs per group. Accumulation in the accumulate type; all tensors
-// contiguous.
+// which it takes (use_direct, told the dtype and whether torch's own
+// convolution is the alternative, i.e. no shuffle and symmetric padding;
+// else it is im2col + GEMM): the CPU kernels take every depthwise
+// convolution and any other with a kernel larger than 1x1 whose groups have
+// at most 16 input channels (8 in float32/float64 when torch's convolution
+// is the alternative), the CUDA ones depthwise convolutions (one input
+// channel per group) with at most 8 outputs per group. Accumulation in the
+// accumulate type; all tensors contiguous.
 //   forward:   out[n, pos(c), .] = bias[c] + sum over ci, (i, j) of
 //              w[c, ci, i, j] x[n, group(c) * cin_g + ci, ...]
 //   dinput:    dx[n, ., h, w] = sum over the group's outputs c and (i, j) of
@@ -93,7 +95,7 @@ struct DirectParams {
 struct Launchers {
   void (*im2col)(const Im2colParams&);
   void (*col2im)(const Col2imParams&);
-  bool (*use_direct)(const Geometry&);
+  bool (*use_direct)(const Geometry&, at::ScalarType dtype, bool torch_alternative);
   void (*direct_forward)(const DirectParams&);
   void (*direct_dinput)(const DirectParams&);
   void (*direct_dweight)(const DirectParams&);

@@ -551,9 +551,15 @@ void direct_dweight_cpu(const DirectParams& p) {
 // convolution reads its input directly in the GEMM) and every depthwise one.
 // At 32 (ResNeXt-50 stage 4, 16x1024x7x7, groups 32, float32, 2 threads)
 // the direct kernels' forward took 7.9 ms against im2col + GEMM's 15.5 but
-// their grad_weight 25.8 against 18.2: about even, left to the GEMM.
-bool use_direct_cpu(const Geometry& g) {
-  return g.cin_g() == 1 || (g.cin_g() <= 16 && g.kk() > 1);
+// their grad_weight 25.8 against 18.2: about even, left to the GEMM. Where
+// torch's convolution (oneDNN) is the alternative, float32 and float64 stop
+// at 8: at 16 (ResNeXt-50 stage 3, RegNetX group width 16) oneDNN's float32
+// forward and grad_input took 0.85-0.90x the direct kernels' time and its
+// grad_weight 0.45-0.48x; in bfloat16 the direct forward was 1.3-2x faster.
+bool use_direct_cpu(const Geometry& g, at::ScalarType dtype, bool torch_alternative) {
+  if (g.cin_g() == 1) return true;
+  const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
+  return g.kk() > 1 && g.cin_g() <= (torch_alternative && !low ? 8 : 16);
 }
 
 const Launchers kCpu{im2col_cpu, col2im_cpu, use_direct_cpu, direct_forward_cpu, direct_dinput_cpu,

@@ -13,14 +13,14 @@ from . import nn as tfnn
 
 
 def _conv2d(module: torch.nn.Conv2d) -> torch.nn.Module | None:
-    """Depthwise convolutions (one input channel per group) with zero
-    padding, where torchfuse's CPU kernels measured 1.05-2.7x torch's forward
-    (bench/results, float32); grouped and dilated ones stay with torch
-    (oneDNN / cuDNN), which measured as fast or faster at ResNeXt-50 stages
-    3-4 and DeepLabv3's atrous layer. torchfuse.nn.Conv2d.from_torch swaps
-    any Conv2d by hand."""
-    depthwise = module.groups > 1 and module.in_channels == module.groups
-    if module.padding_mode != "zeros" or not depthwise:
+    """Grouped or dilated convolutions with zero padding (API.md); plain ones
+    stay torch's. Inside, conv2d picks its path per shape: its direct kernels
+    where they measured faster than torch (depthwise, and on the CPU groups of
+    few input channels), torch's own convolution (oneDNN / cuDNN) for the
+    rest when there is no shuffle to fuse. torchfuse.nn.Conv2d.from_torch
+    swaps any Conv2d by hand."""
+    grouped_or_dilated = module.groups > 1 or any(d > 1 for d in module.dilation)
+    if module.padding_mode != "zeros" or not grouped_or_dilated:
         return None
     return tfnn.Conv2d.from_torch(module)
 
@@ -42,8 +42,8 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
 
     Supported today: ``torch.nn.RMSNorm``, ``torch.nn.GroupNorm`` (activation
     None), ``torch.nn.ChannelShuffle``,
-    ``torch.nn.LocalResponseNorm``, depthwise ``torch.nn.Conv2d`` with zero
-    padding (the others are left to torch), torchvision's ShuffleNetV2
+    ``torch.nn.LocalResponseNorm``, grouped or dilated ``torch.nn.Conv2d``
+    with zero padding (plain ones are left to torch), torchvision's ShuffleNetV2
     ``InvertedResidual`` (cat + shuffle tail fused into ``cat_shuffle``) and SSD
     VGG L2 scale (``SSDFeatureExtractorVGG``: ``F.normalize(x) * scale_weight``
     becomes one fused ``l2_norm`` with the same parameter). Outputs and

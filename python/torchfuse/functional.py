@@ -209,15 +209,20 @@ def conv2d(
     ``stride``/``padding``/``dilation``, ``padding="same"``/``"valid"``,
     unbatched 3-D input); with ``shuffle_groups=g > 1`` the result equals
     ``channel_shuffle(conv2d(...), g)``: the GEMM (or the depthwise kernel)
-    stores each output channel at its shuffled position. Floating inputs are
-    computed by torchfuse's kernels: direct kernels for groups with few input
-    channels (CPU: every depthwise convolution and groups of at most 16 input
-    channels with a kernel larger than 1x1; CUDA: depthwise with at most 8
-    outputs per group), im2col + the platform BLAS / cuBLAS GEMM per group
-    otherwise; integer inputs, which torch's CPU convolution also takes, go
-    to torch. Under autocast every operand is cast to the autocast
-    dtype first, as torch's conv2d does. The output is contiguous, or
-    channels_last for channels_last input (as torch's).
+    stores each output channel at its shuffled position. Paths: direct
+    kernels for groups with few input channels (CPU: every depthwise
+    convolution, and groups of at most 16 input channels with a kernel larger
+    than 1x1, at most 8 in float32/float64 without a shuffle; CUDA: depthwise
+    with at most 8 outputs per group); the rest with a shuffle to fuse (or
+    asymmetric padding) is im2col + the platform BLAS / cuBLAS GEMM per group,
+    and without one torch's own convolution (oneDNN / cuDNN, faster there;
+    on the CPU a float16/bfloat16 weight gradient with at most 8 groups stays
+    im2col + float32 GEMM, faster than oneDNN's). Integer inputs, which
+    torch's CPU convolution also takes, go to torch. Under autocast every
+    operand is cast to the autocast dtype first, as torch's conv2d does. The
+    output and grad_input are contiguous, or channels_last for channels_last
+    input (as torch's); torch's convolution takes that layout as it is, the
+    kernels here on a contiguous copy.
     """
     check.tensor(input, "conv2d", "input")
     check.tensor(weight, "conv2d", "weight")
@@ -256,11 +261,7 @@ def conv2d(
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     out = call("conv2d", x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
-    if unbatched:
-        return out.squeeze(0)
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return out.squeeze(0) if unbatched else out
 
 
 def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:

@@ -61,6 +61,14 @@ def conv_backward_formula(dy, x, w, stride, padding, dilation, groups, shuffle, 
     return gx, gw, gb
 
 
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """The output's (and grad_input's) memory format, as csrc/conv/conv.cpp
+    chooses it: channels_last for a channels_last input, as torch's."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 if op_defined("conv2d"):
 
     @torch.library.register_fake("torchfuse::conv2d")
@@ -69,7 +77,8 @@ if op_defined("conv2d"):
         torch._check(weight.dim() == 4, lambda: "conv2d: expected 4-D weight")
         oh, ow = out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
         torch._check(oh > 0 and ow > 0, lambda: "conv2d: kernel larger than padded input")
-        return input.new_empty((input.shape[0], weight.shape[0], oh, ow))
+        out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
+        return out.contiguous(memory_format=layout_of(input))
 
     def _conv_setup(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups, shuffle = inputs
@@ -98,7 +107,8 @@ if op_defined("conv2d_backward"):
     @torch.library.register_fake("torchfuse::conv2d_backward")
     def _conv2d_backward_fake(grad_out, input, weight, stride, padding, dilation, groups,
                               shuffle_groups, output_mask):
-        gx = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+        gx = (input.new_empty(input.shape).contiguous(memory_format=layout_of(input))
+              if output_mask[0] else input.new_empty((0,)))
         gw = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,))
         gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))
         return gx, gw, gb
