@@ -43,6 +43,11 @@ if CUDA_EMU:
 # initcheck, on both the CPU kernels and (make test-emu) the CUDA ones.
 torch.use_deterministic_algorithms(True)
 torch.utils.deterministic.fill_uninitialized_memory = True
+# conv2d hands some shapes to torch's own convolution, which on CUDA follows
+# torch.backends.cudnn.allow_tf32 (True by default: TF32 on Ampere and later,
+# as torch's conv2d itself). The tests hold float32 results to float32
+# tolerance against float64, so TF32 is off here.
+torch.backends.cudnn.allow_tf32 = False
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
