@@ -80,6 +80,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+def leaf(t, dtype=None):
+    """A detached copy (in `dtype`, default t's) that requires grad; None stays None."""
+    if t is None:
+        return None
+    return t.detach().to(dtype or t.dtype).requires_grad_()
+
+
+def second_order(fn, *inputs):
+    """Second derivatives of fn at inputs, through a non-linear function of
+    the first ones (so that every second-order term counts)."""
+    out = fn(*inputs)
+    firsts = torch.autograd.grad(out.pow(2).sum() + out.sum(), inputs, create_graph=True)
+    return torch.autograd.grad(sum(g.sin().sum() for g in firsts), inputs)
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0, shift=0.0):
     """Fresh random data (never zeros), generated in float64 then cast."""
     t = torch.randn(*shape, dtype=torch.float64) * scale + shift

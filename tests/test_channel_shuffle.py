@@ -14,7 +14,7 @@ import torchfuse
 from torchfuse import functional as F
 from torchfuse import reference as R
 
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, randn
+from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, leaf, randn
 
 # (shape, groups): ranks 3-5, groups = 1 and = C, odd planes (not a multiple
 # of the vector width), batch 1, one element per channel.
@@ -46,10 +46,6 @@ def _grads(out, inputs, go):
     return torch.autograd.grad(out, inputs, go)
 
 
-def _leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).requires_grad_()
-
-
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=[f"{s}-g{g}" for s, g in SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_channel_shuffle_matches_reference(device, dtype, shape, groups):
@@ -59,7 +55,7 @@ def test_channel_shuffle_matches_reference(device, dtype, shape, groups):
         x = x.detach().requires_grad_()
         out = F.channel_shuffle(x, groups)
         (gx,) = _grads(out, [x], go)
-        x64 = _leaf(x, torch.float64)
+        x64 = leaf(x, torch.float64)
         ref = R.channel_shuffle(x64, groups)
         (gref,) = _grads(ref, [x64], go.double())
         theirs = TF.channel_shuffle(x.detach(), groups)
@@ -195,7 +191,7 @@ def test_cat_shuffle_matches_reference(device, dtype, case):
         pieces = [t.detach().requires_grad_() for t in pieces]
         out = F.cat_shuffle(pieces, groups)
         grads = _grads(out, pieces, go)
-        p64 = [_leaf(t, torch.float64) for t in pieces]
+        p64 = [leaf(t, torch.float64) for t in pieces]
         ref = R.cat_shuffle(p64, groups)
         grefs = _grads(ref, p64, go.double())
         theirs = TF.channel_shuffle(torch.cat([t.detach() for t in pieces], 1), groups)
@@ -241,19 +237,19 @@ def test_gradcheck(device):
 def _opcheck_samples(device):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = randn(2, 6, 3, 4, dtype=dtype, device=device, requires_grad=True)
-        xcl = _leaf(x.contiguous(memory_format=torch.channels_last))
+        xcl = leaf(x.contiguous(memory_format=torch.channels_last))
         y = randn(2, 2, 3, 4, dtype=dtype, device=device, requires_grad=True)
         yield torch.ops.torchfuse.channel_shuffle.default, (x, 3)
         yield torch.ops.torchfuse.channel_shuffle.default, (xcl, 2)
-        yield torch.ops.torchfuse.channel_shuffle.default, (_leaf(x[:, :, :, :3]), 2)
+        yield torch.ops.torchfuse.channel_shuffle.default, (leaf(x[:, :, :, :3]), 2)
         yield torch.ops.torchfuse.cat_shuffle.default, ([x, y], 4)
         yield torch.ops.torchfuse.cat_shuffle.default, ([xcl, y], 2)
         yield torch.ops.torchfuse.cat_shuffle.default, (
-            [xcl, _leaf(y.contiguous(memory_format=torch.channels_last))], 8)
+            [xcl, leaf(y.contiguous(memory_format=torch.channels_last))], 8)
         g = randn(2, 8, 3, 4, dtype=dtype, device=device, requires_grad=True)
         yield torch.ops.torchfuse.cat_shuffle_backward.default, (g, [6, 2], 4)
         yield torch.ops.torchfuse.cat_shuffle_backward.default, (
-            _leaf(g.contiguous(memory_format=torch.channels_last)), [1, 7], 2)
+            leaf(g.contiguous(memory_format=torch.channels_last)), [1, 7], 2)
     yield torch.ops.torchfuse.channel_shuffle.default, (
         torch.randint(0, 5, (2, 4, 3), device=device), 2)
 

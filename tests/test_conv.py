@@ -17,7 +17,7 @@ import torchfuse
 from torchfuse import functional as F
 from torchfuse import reference as R
 
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, randn
+from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, leaf, randn
 
 # (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, shuffle)
 # The CPU kernels compute groups of at most 16 input channels (8 in float32
@@ -109,21 +109,17 @@ def _run(fn, inputs, go):
     return (out, *torch.autograd.grad(out, wrt, go))
 
 
-def _leaf(t, dtype=None):
-    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
-
-
 def _check_case(case, dtype, device, bias=True, layout="contiguous"):
     args = _args(case)
     x, w, b = _tensors(case, dtype, device, bias, layout)
     ours_out = F.conv2d(x, w, b, **args)
     go = randn(*ours_out.shape, dtype=dtype, device=device)
     ours = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
-    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    l64 = [leaf(t, torch.float64) for t in (x, w, b)]
     ref = _run(lambda *t: R.conv2d(*t, **args), l64, go.double())
     theirs = None
     if dtype in (torch.float16, torch.bfloat16):
-        lt = [_leaf(t) for t in (x, w, b)]
+        lt = [leaf(t) for t in (x, w, b)]
         theirs = _run(lambda *t: _torch_conv(*t, **args), lt, go)
     names = ("out", "grad_input", "grad_weight", "grad_bias")
     for i, (o, r) in enumerate(zip(ours, ref)):
@@ -168,7 +164,7 @@ def test_conv2d_platform_path_is_torchs(device, case):
     args = _args(case)
     go = randn(*F.conv2d(x, w, b, **args).shape, device=device)
     ours = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
-    lt = [_leaf(t) for t in (x, w, b)]
+    lt = [leaf(t) for t in (x, w, b)]
     theirs = _run(lambda *t: _torch_conv(*t, **args), lt, go)
     for o, t, name in zip(ours[:3], theirs[:3], ("out", "grad_input", "grad_weight")):
         if device == "cpu":
@@ -198,7 +194,7 @@ def test_conv2d_large_batch_is_chunked(device):
     out = F.conv2d(x, w, b, **args)
     go = randn(*out.shape, device=device)
     ours = (out, *torch.autograd.grad(out, (x, w, b), go))
-    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    l64 = [leaf(t, torch.float64) for t in (x, w, b)]
     ref = _run(lambda *t: R.conv2d(*t, **args), l64, go.double())
     for o, r, name in zip(ours, ref, ("out", "grad_input", "grad_weight", "grad_bias")):
         assert_close_to_ref(o, r, torch.float32, name=name)
@@ -290,7 +286,7 @@ def test_double_backward_matches_reference(device):
         return torch.autograd.grad(sum((g * g).sum() for g in firsts), t)
 
     ours = second(F.conv2d, x, w, b)
-    ref = second(R.conv2d, *[_leaf(t, torch.float64) for t in (x, w, b)])
+    ref = second(R.conv2d, *[leaf(t, torch.float64) for t in (x, w, b)])
     for o, r, name in zip(ours, ref, ("ggx", "ggw", "ggb")):
         assert_close_to_ref(o, r, torch.float32, name=name)
 

@@ -16,7 +16,7 @@ import torchfuse
 from torchfuse import functional as F
 from torchfuse import reference as R
 
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, randn
+from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, leaf, randn, second_order
 
 # (shape, layout): sizes that are not multiples of the vector width, one
 # channel, 2-D input (L = 1), 3-D and 5-D, VGG-like at batch 1.
@@ -45,10 +45,6 @@ def _make(shape, layout, dtype, device, requires_grad=True, **kw):
     elif layout == "channels_last_3d":
         x = x.to(memory_format=torch.channels_last_3d)
     return x.requires_grad_(requires_grad)
-
-
-def _leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).requires_grad_()
 
 
 def _torch_gram(x, normalize=True):
@@ -84,9 +80,9 @@ def test_gram_matrix_matches_reference(device, dtype, shape, layout, normalize):
     x = _make(shape, layout, dtype, device)
     go = randn(shape[0], shape[1], shape[1], dtype=dtype, device=device)
     ours = _run(lambda a: F.gram_matrix(a, normalize), (x,), go, (x,))
-    x64 = _leaf(x, torch.float64)
+    x64 = leaf(x, torch.float64)
     ref = _run(lambda a: R.gram_matrix(a, normalize), (x64,), go.double(), (x64,))
-    xt = _leaf(x)
+    xt = leaf(x)
     theirs = _run(lambda a: _torch_gram(a, normalize), (xt,), go, (xt,))
     assert ours[0].dtype == dtype and ours[0].shape == (shape[0], shape[1], shape[1])
     _compare(ours, ref, theirs, dtype, ("out", "grad_input"))
@@ -159,9 +155,9 @@ def test_style_loss_matches_reference(device, dtype, shape, layout, reduction, k
     if reduction != "none":
         go = go.reshape(())
     ours = _run(lambda a, b: F.style_loss(a, b, reduction), (x, t), go, (x, t))
-    l64 = [_leaf(x, torch.float64), _leaf(t, torch.float64)]
+    l64 = [leaf(x, torch.float64), leaf(t, torch.float64)]
     ref = _run(lambda a, b: R.style_loss(a, b, reduction), l64, go.double(), l64)
-    lt = [_leaf(x), _leaf(t)]
+    lt = [leaf(x), leaf(t)]
     theirs = _run(lambda a, b: _torch_style(a, b, reduction), lt, go.to(dtype), lt)
     expected_dtype = dtype if reduction == "none" else (
         torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
@@ -210,25 +206,19 @@ def test_gradcheck(device):
                 torch.autograd.gradgradcheck(fn, (a, target))
 
 
-def _second_order(fn, *inputs):
-    out = fn(*inputs)
-    firsts = torch.autograd.grad(out.pow(2).sum() + out.sum(), inputs, create_graph=True)
-    return torch.autograd.grad(sum(g.sin().sum() for g in firsts), inputs)
-
-
 def test_double_backward_matches_reference(device):
     x = randn(2, 6, 4, 3, device=device, requires_grad=True)
     t = randn(6, 6, device=device, requires_grad=True)
-    l64 = [_leaf(v, torch.float64) for v in (x, t)]
-    ours = _second_order(F.gram_matrix, x)
-    ref = _second_order(R.gram_matrix, l64[0])
+    l64 = [leaf(v, torch.float64) for v in (x, t)]
+    ours = second_order(F.gram_matrix, x)
+    ref = second_order(R.gram_matrix, l64[0])
     assert_close_to_ref(ours[0], ref[0], torch.float32, name="ggx")
     # the style loss's second derivatives through sin() of first derivatives
     # of a squared loss lose about 4e-5 (relative) in float32 whoever computes
     # them (the reference itself, run in float32): compared in float64
-    ours = _second_order(lambda a, b: F.style_loss(a, b, "sum"), *l64)
-    ref = _second_order(lambda a, b: R.style_loss(a, b, "sum"),
-                        *[_leaf(v) for v in l64])
+    ours = second_order(lambda a, b: F.style_loss(a, b, "sum"), *l64)
+    ref = second_order(lambda a, b: R.style_loss(a, b, "sum"),
+                        *[leaf(v) for v in l64])
     for o, r, name in zip(ours, ref, ("ggx", "ggt")):
         assert_close_to_ref(o, r, torch.float64, name=name)
 

@@ -20,6 +20,7 @@ from conftest import (
     assert_close_to_ref,
     assert_raises_like_torch,
     direct_vs_python_path,
+    leaf,
     randn,
 )
 
@@ -55,12 +56,6 @@ def _torch_gn(x, g, w, b, eps, activation=None):
     return _act(TF.group_norm(x, g, w, b, eps), activation)
 
 
-def _leaf(t, dtype=None):
-    if t is None:
-        return None
-    return t.detach().to(dtype or t.dtype).requires_grad_()
-
-
 def _run(fn, x, g, w, b, eps, act, go):
     out = fn(x, g, w, b, eps, act)
     wrt = [t for t in (x, w, b) if t is not None]
@@ -92,11 +87,11 @@ def _check(device, dtype, shape, groups, affine, act, layout, scale=1.0, shift=0
     if affine in ("both", "b"):
         b = randn(c, dtype=dtype, device=device, requires_grad=True)
     ours = _run(F.group_norm, x, groups, w, b, 1e-5, act, go)
-    ref = _run(R.group_norm, _leaf(x, torch.float64), groups, _leaf(w, torch.float64),
-               _leaf(b, torch.float64), 1e-5, act, go.double())
+    ref = _run(R.group_norm, leaf(x, torch.float64), groups, leaf(w, torch.float64),
+               leaf(b, torch.float64), 1e-5, act, go.double())
     theirs = (None,) * 4
     if dtype in (torch.float16, torch.bfloat16):
-        theirs = _run(_torch_gn, _leaf(x), groups, _leaf(w), _leaf(b), 1e-5, act, go)
+        theirs = _run(_torch_gn, leaf(x), groups, leaf(w), leaf(b), 1e-5, act, go)
     _compare(ours, ref, theirs, dtype)
     out, gx = ours[0], ours[1]
     assert out.dtype == dtype and gx.dtype == dtype
@@ -190,8 +185,8 @@ def test_large_mean_half_of_groups(device, layout):
     b = randn(16, device=device, requires_grad=True)
     go = randn(2, 16, 9, 7, device=device)
     ours = _run(F.group_norm, x, 4, w, b, 1e-5, "silu", go)
-    ref = _run(R.group_norm, _leaf(x, torch.float64), 4, _leaf(w, torch.float64),
-               _leaf(b, torch.float64), 1e-5, "silu", go.double())
+    ref = _run(R.group_norm, leaf(x, torch.float64), 4, leaf(w, torch.float64),
+               leaf(b, torch.float64), 1e-5, "silu", go.double())
     _compare(ours, ref, (None,) * 4, torch.float32)
 
 
@@ -250,8 +245,8 @@ def test_non_contiguous(device, layout):
     w, b = randn(8, device=device, requires_grad=True), randn(8, device=device, requires_grad=True)
     go = randn(*x.shape, device=device)
     ours = _run(F.group_norm, x, 2, w, b, 1e-5, "relu", go)
-    ref = _run(R.group_norm, _leaf(x, torch.float64), 2, _leaf(w, torch.float64),
-               _leaf(b, torch.float64), 1e-5, "relu", go.double())
+    ref = _run(R.group_norm, leaf(x, torch.float64), 2, leaf(w, torch.float64),
+               leaf(b, torch.float64), 1e-5, "relu", go.double())
     _compare(ours, ref, (None,) * 4, torch.float32)
 
 
@@ -261,13 +256,13 @@ def test_mixed_layouts(device):
     w, b = randn(8, device=device, requires_grad=True), randn(8, device=device, requires_grad=True)
     go = randn(2, 8, 6, 5, device=device)
     ours = _run(F.group_norm, x, 4, w, b, 1e-5, "silu", go)
-    ref = _run(R.group_norm, _leaf(x, torch.float64), 4, _leaf(w, torch.float64),
-               _leaf(b, torch.float64), 1e-5, "silu", go.double())
+    ref = _run(R.group_norm, leaf(x, torch.float64), 4, leaf(w, torch.float64),
+               leaf(b, torch.float64), 1e-5, "silu", go.double())
     _compare(ours, ref, (None,) * 4, torch.float32)
     x2 = randn(2, 8, 6, 5, device=device, requires_grad=True)
     ours = _run(F.group_norm, x2, 4, w, b, 1e-5, None, _channels_last(go))
-    ref = _run(R.group_norm, _leaf(x2, torch.float64), 4, _leaf(w, torch.float64),
-               _leaf(b, torch.float64), 1e-5, None, go.double())
+    ref = _run(R.group_norm, leaf(x2, torch.float64), 4, leaf(w, torch.float64),
+               leaf(b, torch.float64), 1e-5, None, go.double())
     _compare(ours, ref, (None,) * 4, torch.float32)
 
 
@@ -280,9 +275,9 @@ def test_float32_params_with_low_precision_input(device, dtype):
     go = randn(2, 16, 7, 9, dtype=dtype, device=device)
     ours = _run(F.group_norm, x, 4, w, b, 1e-5, "silu", go)
     assert ours[0].dtype == dtype and ours[2].dtype == torch.float32
-    ref = _run(R.group_norm, _leaf(x, torch.float64), 4, _leaf(w, torch.float64),
-               _leaf(b, torch.float64), 1e-5, "silu", go.double())
-    theirs = _run(_torch_gn, _leaf(x), 4, _leaf(w), _leaf(b), 1e-5, "silu", go)
+    ref = _run(R.group_norm, leaf(x, torch.float64), 4, leaf(w, torch.float64),
+               leaf(b, torch.float64), 1e-5, "silu", go.double())
+    theirs = _run(_torch_gn, leaf(x), 4, leaf(w), leaf(b), 1e-5, "silu", go)
     _compare(ours, ref, theirs, dtype)
 
 
@@ -384,7 +379,7 @@ def test_double_backward_matches_reference(device, act):
         return torch.autograd.grad(gx.sin().sum() + gw.cos().sum() + gb.pow(2).sum(), (x, w, b))
 
     ours = second(F.group_norm, x, w, b)
-    ref = second(R.group_norm, *(_leaf(t, torch.float64) for t in (x, w, b)))
+    ref = second(R.group_norm, *(leaf(t, torch.float64) for t in (x, w, b)))
     for o, r, name in zip(ours, ref, ("ggx", "ggw", "ggb")):
         assert_close_to_ref(o, r, torch.float32, name=name)
 

@@ -19,7 +19,9 @@ from conftest import (
     assert_close_to_ref,
     assert_raises_like_torch,
     direct_vs_python_path,
+    leaf,
     randn,
+    second_order,
 )
 
 # (input shape, dim): column layout (dim not last), row layout (dim last),
@@ -52,12 +54,6 @@ def _torch_l2(x, w, dim, eps):
     return y * w.reshape(_bshape(x, dim)) if w is not None else y
 
 
-def _leaf(t, dtype=None):
-    if t is None:
-        return None
-    return t.detach().to(dtype or t.dtype).requires_grad_()
-
-
 def _run(fn, args, grad_out, wrt):
     out = fn(*args)
     wrt = [t for t in wrt if t is not None]
@@ -80,9 +76,9 @@ def test_l2_norm_matches_reference(device, dtype, shape, dim, affine):
     w = randn(shape[dim], dtype=dtype, device=device, requires_grad=True) if affine else None
     go = randn(*shape, dtype=dtype, device=device)
     ours = _run(lambda a, b: F.l2_norm(a, b, dim), (x, w), go, (x, w))
-    x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
+    x64, w64 = leaf(x, torch.float64), leaf(w, torch.float64)
     ref = _run(lambda a, b: R.l2_norm(a, b, dim), (x64, w64), go.double(), (x64, w64))
-    xt, wt = _leaf(x), _leaf(w)
+    xt, wt = leaf(x), leaf(w)
     theirs = _run(lambda a, b: _torch_l2(a, b, dim, 1e-12), (xt, wt), go, (xt, wt))
     for o, t in zip(ours, theirs):
         assert o.dtype == t.dtype and o.shape == t.shape
@@ -112,9 +108,9 @@ def test_normalize_matches_torch(device, dtype, shape, dim):
     x = randn(*shape, dtype=dtype, device=device, requires_grad=True)
     go = randn(*shape, dtype=dtype, device=device)
     ours = _run(lambda a: F.normalize(a, 2.0, dim), (x,), go, (x,))
-    x64 = _leaf(x, torch.float64)
+    x64 = leaf(x, torch.float64)
     ref = _run(lambda a: TF.normalize(a, 2.0, dim), (x64,), go.double(), (x64,))
-    xt = _leaf(x)
+    xt = leaf(x)
     theirs = _run(lambda a: TF.normalize(a, 2.0, dim), (xt,), go, (xt,))
     _compare(ours, ref, theirs, dtype, ("out", "grad_input"))
 
@@ -148,7 +144,7 @@ def test_layouts(device, layout):
     go = randn(*x.shape, device=device).to(memory_format=torch.channels_last) \
         if x.dim() == 4 else randn(*x.shape, device=device)
     ours = _run(lambda a, b: F.l2_norm(a, b, 1), (x, w), go, (x, w))
-    x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
+    x64, w64 = leaf(x, torch.float64), leaf(w, torch.float64)
     ref = _run(lambda a, b: R.l2_norm(a, b, 1), (x64, w64), go.double(), (x64, w64))
     _compare(ours, ref, [None] * 3, torch.float32, ("out", "grad_input", "grad_weight"))
     if layout == "channels_last":  # the output keeps the memory format, like torch
@@ -258,9 +254,9 @@ def test_cosine_linear_matches_reference(device, dtype, xshape, out_f, bias):
     b = randn(out_f, dtype=dtype, device=device, requires_grad=True) if bias else None
     go = randn(*xshape[:-1], out_f, dtype=dtype, device=device)
     ours = _run(lambda *a: F.cosine_linear(*a, 1e-8), (x, w, b), go, (x, w, b))
-    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    l64 = [leaf(t, torch.float64) for t in (x, w, b)]
     ref = _run(lambda *a: R.cosine_linear(*a, 1e-8), l64, go.double(), l64)
-    lt = [_leaf(t) for t in (x, w, b)]
+    lt = [leaf(t) for t in (x, w, b)]
     theirs = _run(lambda *a: _torch_cos(*a, 1e-8), lt, go, lt)
     names = ("out", "grad_input", "grad_weight", "grad_bias")[: len(ours)]
     _compare(ours, ref, theirs, dtype, names)
@@ -282,9 +278,9 @@ def test_cosine_linear_magnitudes(device, dtype, scale, wscale):
     b = randn(5, dtype=dtype, device=device, requires_grad=True)
     go = randn(6, 5, dtype=dtype, device=device, scale=1e-3)
     ours = _run(lambda *a: F.cosine_linear(*a, 1e-12), (x, w, b), go, (x, w, b))
-    l64 = [_leaf(t, torch.float64) for t in (x, w, b)]
+    l64 = [leaf(t, torch.float64) for t in (x, w, b)]
     ref = _run(lambda *a: R.cosine_linear(*a, 1e-12), l64, go.double(), l64)
-    lt = [_leaf(t) for t in (x, w, b)]
+    lt = [leaf(t) for t in (x, w, b)]
     theirs = _run(lambda *a: _torch_cos(*a, 1e-12), lt, go, lt)
     _compare(ours, ref, theirs, dtype, ("out", "grad_input", "grad_weight", "grad_bias"))
 
@@ -316,7 +312,7 @@ def test_cosine_linear_autocast_like_linear(device, compiled):
     (gw,) = torch.autograd.grad(out, cos.weight, go.to(dt))
     (gw_t,) = torch.autograd.grad(theirs, cos.weight, go.to(dt))
     assert gw.dtype == torch.float32
-    ops64 = [_leaf(t.to(dt), torch.float64) for t in (h, cos.weight, cos.bias)]
+    ops64 = [leaf(t.to(dt), torch.float64) for t in (h, cos.weight, cos.bias)]
     ref = R.cosine_linear(*ops64, cos.eps)
     (gw64,) = torch.autograd.grad(ref, ops64[1], go.to(dt).double())
     assert_close_to_ref(out, ref, dt, theirs, name="out")
@@ -335,7 +331,7 @@ def test_cosine_linear_zero_rows_and_sizes(device):
     torch.testing.assert_close(out[2], b)
     torch.testing.assert_close(out[:, 4], b[4].expand(5))
     gx, gw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
-    x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
+    x64, w64 = leaf(x, torch.float64), leaf(w, torch.float64)
     rx, rw = torch.autograd.grad(R.cosine_linear(x64, w64, b.double()), (x64, w64),
                                  torch.ones(5, 6, dtype=torch.float64, device=device))
     assert_close_to_ref(gx, rx, torch.float32, name="grad_input")
@@ -369,24 +365,18 @@ def test_gradcheck(device):
     torch.autograd.gradgradcheck(lambda a, b: F.cosine_linear(a, b), (xc, wc))
 
 
-def _second_order(fn, *inputs):
-    out = fn(*inputs)
-    firsts = torch.autograd.grad(out.pow(2).sum() + out.sum(), inputs, create_graph=True)
-    return torch.autograd.grad(sum(g.sin().sum() for g in firsts), inputs)
-
-
 def test_double_backward_matches_reference(device):
     x = randn(3, 8, 5, device=device, requires_grad=True)
     w = randn(8, device=device, requires_grad=True)
-    l64 = [_leaf(t, torch.float64) for t in (x, w)]
-    ours = _second_order(lambda a, b: F.l2_norm(a, b, 1), x, w)
-    ref = _second_order(lambda a, b: R.l2_norm(a, b, 1), *l64)
+    l64 = [leaf(t, torch.float64) for t in (x, w)]
+    ours = second_order(lambda a, b: F.l2_norm(a, b, 1), x, w)
+    ref = second_order(lambda a, b: R.l2_norm(a, b, 1), *l64)
     for o, r, name in zip(ours, ref, ("ggx", "ggw")):
         assert_close_to_ref(o, r, torch.float32, name=name)
     xc, wc, bc = (randn(*s, device=device, requires_grad=True) for s in ((4, 9), (6, 9), (6,)))
-    l64 = [_leaf(t, torch.float64) for t in (xc, wc, bc)]
-    ours = _second_order(F.cosine_linear, xc, wc, bc)
-    ref = _second_order(R.cosine_linear, *l64)
+    l64 = [leaf(t, torch.float64) for t in (xc, wc, bc)]
+    ours = second_order(F.cosine_linear, xc, wc, bc)
+    ref = second_order(R.cosine_linear, *l64)
     for o, r, name in zip(ours, ref, ("ggx", "ggw", "ggb")):
         assert_close_to_ref(o, r, torch.float32, name=name)
 

@@ -12,13 +12,7 @@ import torchfuse
 from torchfuse import functional as F
 from torchfuse import reference as R
 
-from conftest import (
-    DTYPES,
-    HAS_CUDA,
-    assert_close_to_ref,
-    assert_raises_like_torch,
-    randn,
-)
+from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, leaf, randn
 
 # (input shape, normalized_shape): edge cases of the kernels' tiling.
 SHAPES = [
@@ -55,12 +49,6 @@ def _torch_add_rms_norm(x, r, ns, w, eps):
     return TF.rms_norm(s, ns, w, eps), s
 
 
-def _leaf(t, dtype=None):
-    if t is None:
-        return None
-    return t.detach().to(dtype or t.dtype).requires_grad_()
-
-
 NAMES_RMS = ("out", "grad_input", "grad_weight")
 NAMES_ADD = ("out", "summed", "grad_input", "grad_residual", "grad_weight")
 
@@ -79,9 +67,9 @@ def test_rms_norm_matches_reference(device, dtype, shape, ns, affine):
     go = randn(*shape, dtype=dtype, device=device)
     eps = torch.finfo(dtype).eps
     ours = _run_rms(F.rms_norm, x, ns, w, None, go)
-    ref = _run_rms(R.rms_norm, _leaf(x, torch.float64), ns, _leaf(w, torch.float64), eps,
+    ref = _run_rms(R.rms_norm, leaf(x, torch.float64), ns, leaf(w, torch.float64), eps,
                    go.double())
-    theirs = _run_rms(TF.rms_norm, _leaf(x), ns, _leaf(w), None, go)
+    theirs = _run_rms(TF.rms_norm, leaf(x), ns, leaf(w), None, go)
     for o, t in zip(ours, theirs):
         assert o.dtype == t.dtype and o.shape == t.shape
     _compare(ours, ref, theirs, dtype, NAMES_RMS)
@@ -100,19 +88,19 @@ def test_add_rms_norm_matches_reference(device, dtype, shape, ns, affine):
     ours = _run_add(F.add_rms_norm, x, r, ns, w, None, go, gs)
     # The reference normalises the sum as rounded to `dtype`, as the contract says.
     summed = (x.detach() + r.detach()).double()
-    x64, r64 = _leaf(x, torch.float64), _leaf(r, torch.float64)
-    ref_out, ref_sum = R.add_rms_norm(x64, r64, ns, _leaf(w, torch.float64), eps)
+    x64, r64 = leaf(x, torch.float64), leaf(r, torch.float64)
+    ref_out, ref_sum = R.add_rms_norm(x64, r64, ns, leaf(w, torch.float64), eps)
     ref_out = R.rms_norm(summed + (ref_sum - ref_sum.detach()), ns,
                          None if w is None else w.detach().double(), eps)
     if w is not None:  # weight gradient through the rounded sum
-        w64 = _leaf(w, torch.float64)
+        w64 = leaf(w, torch.float64)
         ref_out = R.rms_norm(summed + (ref_sum - ref_sum.detach()), ns, w64, eps)
         ref_grads = torch.autograd.grad((ref_out, ref_sum), (x64, r64, w64),
                                         (go.double(), gs.double()))
     else:
         ref_grads = torch.autograd.grad((ref_out, ref_sum), (x64, r64), (go.double(), gs.double()))
     ref = (ref_out, summed, *ref_grads)
-    theirs = _run_add(_torch_add_rms_norm, _leaf(x), _leaf(r), ns, _leaf(w), None, go, gs)
+    theirs = _run_add(_torch_add_rms_norm, leaf(x), leaf(r), ns, leaf(w), None, go, gs)
     _compare(ours, ref, theirs, dtype, NAMES_ADD)
     # summed is exactly input + residual in the input dtype
     torch.testing.assert_close(ours[1], x.detach() + r.detach(), rtol=0, atol=0)
@@ -126,7 +114,7 @@ def test_huge_row(device):
         w = randn(n, device=device, requires_grad=True)
         go = randn(rows, n, device=device)
         ours = _run_rms(F.rms_norm, x, (n,), w, 1e-6, go)
-        ref = _run_rms(R.rms_norm, _leaf(x, torch.float64), (n,), _leaf(w, torch.float64), 1e-6,
+        ref = _run_rms(R.rms_norm, leaf(x, torch.float64), (n,), leaf(w, torch.float64), 1e-6,
                        go.double())
         _compare(ours, ref, [None] * 3, torch.float32, NAMES_RMS)
 
@@ -147,7 +135,7 @@ def test_non_contiguous(device, layout):
     w = randn(*ns, device=device, requires_grad=True)
     go = randn(*x.shape, device=device).transpose(0, -1).contiguous().transpose(0, -1)
     ours = _run_rms(F.rms_norm, x, ns, w, 1e-5, go)
-    ref = _run_rms(R.rms_norm, _leaf(x, torch.float64), ns, _leaf(w, torch.float64), 1e-5,
+    ref = _run_rms(R.rms_norm, leaf(x, torch.float64), ns, leaf(w, torch.float64), 1e-5,
                    go.double())
     _compare(ours, ref, [None] * 3, torch.float32, NAMES_RMS)
 
@@ -175,9 +163,9 @@ def test_mixed_dtype_weight(device, dtype):
     go = randn(8, 96, dtype=dtype, device=device)
     ours = _run_rms(F.rms_norm, x, (96,), w, None, go)
     assert ours[0].dtype == dtype and ours[2].dtype == torch.float32
-    ref = _run_rms(R.rms_norm, _leaf(x, torch.float64), (96,), _leaf(w, torch.float64),
+    ref = _run_rms(R.rms_norm, leaf(x, torch.float64), (96,), leaf(w, torch.float64),
                    torch.finfo(dtype).eps, go.double())
-    theirs = _run_rms(TF.rms_norm, _leaf(x), (96,), _leaf(w), None, go)
+    theirs = _run_rms(TF.rms_norm, leaf(x), (96,), leaf(w), None, go)
     _compare(ours, ref, theirs, dtype, NAMES_RMS)
 
 
@@ -194,9 +182,9 @@ def test_float32_weight_at_16_byte_offset(device, dtype):
     x = randn(300, 512, dtype=dtype, device=device, requires_grad=True)
     go = randn(300, 512, dtype=dtype, device=device)
     ours = _run_rms(F.rms_norm, x, (512,), w, 1e-6, go)
-    ref = _run_rms(R.rms_norm, _leaf(x, torch.float64), (512,), _leaf(w, torch.float64),
+    ref = _run_rms(R.rms_norm, leaf(x, torch.float64), (512,), leaf(w, torch.float64),
                    1e-6, go.double())
-    theirs = _run_rms(TF.rms_norm, _leaf(x), (512,), _leaf(w), 1e-6, go)
+    theirs = _run_rms(TF.rms_norm, leaf(x), (512,), leaf(w), 1e-6, go)
     _compare(ours, ref, theirs, dtype, NAMES_RMS)
 
 
@@ -264,7 +252,7 @@ def test_double_backward_matches_reference(device):
         return torch.autograd.grad(gx.sin().sum() + gw.cos().sum(), (x, w))
 
     ours = second(F.rms_norm, x, w)
-    ref = second(R.rms_norm, _leaf(x, torch.float64), _leaf(w, torch.float64))
+    ref = second(R.rms_norm, leaf(x, torch.float64), leaf(w, torch.float64))
     for o, r, name in zip(ours, ref, ("ggx", "ggw")):
         assert_close_to_ref(o, r, torch.float32, name=name)
 
