@@ -15,7 +15,7 @@
 # 3. memcheck: compute-sanitizer's memcheck over the float32 reference tests
 #    (every op, every path they reach; the autograd/compile machinery is
 #    host-side and only slow under the sanitizer);
-# 4. racecheck: the same subset without conv (no shared memory there);
+# 4. racecheck: the same subset (shared-memory hazards);
 # 5. bench: bench/run.py --device cuda (BENCH_ARGS, default --no-compile:
 #    inductor's compiles cost minutes of device time; with --quick one case per
 #    op and dtype).
@@ -105,8 +105,7 @@ if want memcheck || want racecheck; then
       "$PY" -m pytest tests -q -m cuda -p no:cacheprovider -k "matches_reference and float32"
     want racecheck && step racecheck "$OUT/sanitizer.log" "${T_RACECHECK:-30}" \
       "$SAN" --tool racecheck --error-exitcode 99 \
-      "$PY" -m pytest tests -q -m cuda -p no:cacheprovider \
-      -k "matches_reference and float32 and not conv"
+      "$PY" -m pytest tests -q -m cuda -p no:cacheprovider -k "matches_reference and float32"
   fi
 fi
 

@@ -477,8 +477,7 @@ def test_convert_torchvision_model(device, name):
     """A whole network converted (random weights, nothing downloaded): every
     path (direct kernels, torch's convolution, grouped, depthwise, dilated)
     in one forward and backward, against the unconverted network in float64
-    at float32 tolerance. (torch's own float32 grad_input of ResNeXt-50 is
-    about 4e-4 of its scale off the float64 one here; the converted one 1e-6.)"""
+    at float32 tolerance."""
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     make = getattr(tv.models, name, None) or getattr(tv.models.segmentation, name)

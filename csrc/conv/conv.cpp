@@ -18,11 +18,11 @@
 //   `shuffle` channels, so the GEMM writes them through a view with row
 //   stride shuffle * L: each group's GEMM is split at the shuffle groups'
 //   boundaries, and the shuffle costs no memory pass.
-// Groups with few input channels (launch.use_direct: on CPU at most 16 per
-// group, or 8, on CUDA depthwise with at most 8 outputs per group): the
-// direct kernels of the launchers, the shuffle in their index arithmetic.
-// The rest, when there is no shuffle to fuse, is torch's own convolution
-// (Path below).
+// Groups with few input channels (launch.use_direct: on CPU at most 16 input
+// channels per group, 8 in float32/float64 without a shuffle; on CUDA
+// depthwise with at most 8 outputs per group): the direct kernels of the
+// launchers, the shuffle in their index arithmetic. The rest, when there is
+// no shuffle to fuse, is torch's own convolution (Path below).
 // Backward: grad_input = col2im(W^T dy) (same pieces, dy read through the
 // same strided views); grad_weight = sum over chunks of dy (Cout, nb L) .
 // col^T, accumulated in float32 (float64 for float64): im2col writes col
@@ -31,6 +31,7 @@
 #include "conv.h"
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 
 #include <ATen/Functions.h>
 
@@ -145,15 +146,6 @@ bool reads_input(const Geometry& g) {
       g.pb == 0 && g.pr == 0;
 }
 
-// The output's (and grad_input's) memory format: channels_last for a
-// channels_last input, as torch's convolution; the fake kernels
-// (python/torchfuse/_ops/conv.py) apply the same rule.
-at::MemoryFormat layout_of(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
-      ? at::MemoryFormat::ChannelsLast
-      : at::MemoryFormat::Contiguous;
-}
-
 // grad_input in the input's memory format (an output not asked for is empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
     const at::Tensor& gx, const at::Tensor& gw, const at::Tensor& gb, at::MemoryFormat fmt) {
@@ -163,18 +155,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
 // Which code computes a convolution. Convolutions that no direct kernel
 // takes and that have no shuffle to fuse (nor the asymmetric padding torch's
 // convolution lacks) run torch's own convolution, oneDNN on the CPU and
-// cuDNN on CUDA: on the 2-core Xeon, im2col + per-group GEMMs took 1.3-5x
-// its time at groups of 24-64 input channels (ResNeXt, RegNet) and was
-// 0.5-1.4x it on dilated convolutions (DeepLabv3, DRN).
+// cuDNN on CUDA: on the 2-core Xeon, im2col + per-group GEMMs took 1.2-5.6x
+// oneDNN's time in every pass at groups of 24-64 input channels (ResNeXt,
+// RegNet; one exception, RegNet's bfloat16 weight gradient at 0.74x) and
+// 0.7-1.9x it on dilated float32 convolutions (DeepLabv3, DRN). Empty
+// convolutions stay here. own_dw: the launchers keep the weight gradient of
+// some of those (launch.own_dweight).
 struct Path {
-  bool direct = false, platform = false;
+  bool direct = false, platform = false, own_dw = false;
 };
 
 Path path_of(const Geometry& g, at::ScalarType dtype, const Launchers& launch) {
   const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
   Path p;
   p.direct = launch.use_direct(g, dtype, alt);
-  p.platform = alt && !p.direct;
+  p.platform = alt && !p.direct && g.N > 0 && g.Cout > 0;
+  p.own_dw = p.platform && launch.own_dweight(g, dtype);
   return p;
 }
 
@@ -257,9 +253,9 @@ at::Tensor forward(
         " elements, but got bias of size ", bias.sizes(), " instead");
     bias = bias.contiguous();
   }
-  const at::MemoryFormat fmt = layout_of(input_);
+  const at::MemoryFormat fmt = kept_format(input_);
   const Path path = path_of(g, input_.scalar_type(), launch);
-  if (path.platform && g.N > 0 && g.Cout > 0) {
+  if (path.platform) {
     return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
                            false, {0, 0}, g.groups).contiguous(fmt);
   }
@@ -344,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
           grad_out_.size(2) == g.OH && grad_out_.size(3) == g.OW,
       "conv2d_backward: expected grad_out of size [", g.N, ", ", g.Cout, ", ", g.OH, ", ",
       g.OW, "], but got ", grad_out_.sizes());
-  const at::MemoryFormat fmt = layout_of(input_);
+  const at::MemoryFormat fmt = kept_format(input_);
   const at::ScalarType acc = acc_type(input_);
   const at::Tensor gb =
       mask[2] ? unshuffled(grad_out_.sum({0, 2, 3}, false, acc), g).to(weight_.scalar_type())
@@ -353,13 +349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   std::array<bool, 2> ours{mask[0], mask[1]};
   at::Tensor gx, gw;
   const Path path = path_of(g, input_.scalar_type(), launch);
-  if (path.platform && g.N > 0 && g.Cout > 0 && (mask[0] || mask[1])) {
-    // torch's convolution_backward, except a float16/bfloat16 weight gradient
-    // with few groups: im2col + the float32 GEMM below measured 1.3-2.9x
-    // faster than oneDNN's bfloat16 one (2-core Xeon; groups 1, 2, 3 and 7:
-    // AlexNet, DeepLabv3, DRN, ShuffleNet v1, RegNet shapes), 0.66x at 32
-    // groups (ResNeXt-50 stage 4); float32 was even or slower.
-    const bool own_dw = mask[1] && weight_.scalar_type() != acc && g.groups <= 8;
+  if (path.platform && (mask[0] || mask[1])) {
+    // torch's convolution_backward, except the weight gradients the launchers
+    // keep (path.own_dw)
+    const bool own_dw = mask[1] && path.own_dw;
     if (mask[0] || !own_dw) {
       auto [tx, tw, tb] = at::convolution_backward(
           grad_out_, input_, weight_, std::nullopt, {g.sh, g.sw}, {g.pt, g.pl},

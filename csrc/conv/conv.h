@@ -96,6 +96,9 @@ struct Launchers {
   void (*im2col)(const Im2colParams&);
   void (*col2im)(const Col2imParams&);
   bool (*use_direct)(const Geometry&, at::ScalarType dtype, bool torch_alternative);
+  // For a convolution given to torch's: whether its weight gradient is still
+  // computed here (im2col + the accumulate-type GEMM).
+  bool (*own_dweight)(const Geometry&, at::ScalarType dtype);
   void (*direct_forward)(const DirectParams&);
   void (*direct_dinput)(const DirectParams&);
   void (*direct_dweight)(const DirectParams&);

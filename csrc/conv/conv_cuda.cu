@@ -247,7 +247,13 @@ bool use_direct_cuda(const Geometry& g, at::ScalarType, bool) {
   return g.groups > 1 && g.cin_g() == 1 && g.cout_g() <= 8;
 }
 
-const Launchers kCuda{im2col_cuda, col2im_cuda, use_direct_cuda, dw_forward_cuda,
+// cuDNN computes every weight gradient of the convolutions given to it (the
+// CPU's exception was measured against oneDNN only)
+bool own_dweight_cuda(const Geometry&, at::ScalarType) {
+  return false;
+}
+
+const Launchers kCuda{im2col_cuda, col2im_cuda, use_direct_cuda, own_dweight_cuda, dw_forward_cuda,
                       dw_dinput_cuda, dw_dweight_cuda};
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "group_norm.h"
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 
 #include <ATen/DeviceGuard.h>
 #include <ATen/Functions.h>
@@ -39,19 +40,6 @@ bool has(const std::optional<at::Tensor>& t) {
 
 at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Contiguous, or channels_last(_3d) when the input already is (and is not
-// also contiguous, e.g. C == 1).
-at::MemoryFormat layout_of(const at::Tensor& input) {
-  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return at::MemoryFormat::Contiguous;
 }
 
 void check_param(
@@ -109,7 +97,7 @@ Geometry check_args(
       "0, but got input of shape ", input.sizes());
   check_param(op, "weight", weight, input, g.C);
   check_param(op, "bias", bias, input, g.C);
-  g.cl = layout_of(input) != at::MemoryFormat::Contiguous;
+  g.cl = kept_format(input) != at::MemoryFormat::Contiguous;
   return g;
 }
 
@@ -266,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const c10::OptionalDeviceGuard device_guard(at::device_of(input));
   const Act act = parse_activation(activation, op);
   const Geometry g = check_args(op, input, num_groups, weight, bias);
-  const at::MemoryFormat fmt = layout_of(input);
+  const at::MemoryFormat fmt = kept_format(input);
   const at::Tensor x = input.contiguous(fmt);
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
   const auto stat_opts = input.options().dtype(acc_type(input));
@@ -362,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(!weight_grad || has(weight), op, ": weight_grad=True needs a weight");
   TORCH_CHECK(!bias_grad || has(bias), op, ": bias_grad=True needs a bias");
 
-  const at::MemoryFormat fmt = layout_of(input);
+  const at::MemoryFormat fmt = kept_format(input);
   const at::Tensor x = input.contiguous(fmt);
   const at::Tensor dy = grad_out.contiguous(fmt);
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(fmt));

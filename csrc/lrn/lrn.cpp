@@ -3,26 +3,13 @@
 #include "lrn.h"
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 
 #include <ATen/Functions.h>
 
 namespace torchfuse::lrn {
 
 namespace {
-
-// The memory format torch's composite returns for this input: channels_last
-// (3d) input gives a channels_last (3d) output, anything else contiguous.
-at::MemoryFormat out_format(const at::Tensor& input) {
-  if (input.dim() == 4 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (input.dim() == 5 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return at::MemoryFormat::Contiguous;
-}
 
 void check_common(const char* op, const at::Tensor& input, int64_t size) {
   check_floating(input, op, "input");
@@ -41,14 +28,14 @@ void check_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& in
 // wider than kClSpatialMaxWindow excepted), anything else on contiguous
 // copies.
 at::Tensor run(Params& p, const at::Tensor& input, bool backward, Launcher launch) {
-  const at::MemoryFormat fmt = out_format(input);
+  const at::MemoryFormat fmt = kept_format(input);
   if (input.numel() == 0) {
     return at::empty(input.sizes(), input.options().memory_format(fmt));
   }
   if (fmt != at::MemoryFormat::Contiguous &&
       (!p.cols || p.lo + p.hi + 1 <= kClSpatialMaxWindow)) {
     at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
-    p.x = input;  // contiguous in fmt (out_format checked it)
+    p.x = input;  // contiguous in fmt (kept_format checked it)
     if (backward) p.dy = p.dy.contiguous(fmt);
     p.out = out;
     p.channels_last = true;

@@ -15,10 +15,9 @@ from . import nn as tfnn
 def _conv2d(module: torch.nn.Conv2d) -> torch.nn.Module | None:
     """Grouped or dilated convolutions with zero padding (API.md); plain ones
     stay torch's. Inside, conv2d picks its path per shape: its direct kernels
-    where they measured faster than torch (depthwise, and on the CPU groups of
-    few input channels), torch's own convolution (oneDNN / cuDNN) for the
-    rest when there is no shuffle to fuse. torchfuse.nn.Conv2d.from_torch
-    swaps any Conv2d by hand."""
+    for depthwise convolutions and (CPU) groups of few input channels, torch's
+    own convolution (oneDNN / cuDNN) for the rest when there is no shuffle to
+    fuse. torchfuse.nn.Conv2d.from_torch swaps any Conv2d by hand."""
     grouped_or_dilated = module.groups > 1 or any(d > 1 for d in module.dilation)
     if module.padding_mode != "zeros" or not grouped_or_dilated:
         return None

@@ -95,8 +95,9 @@ def group_norm(
 
 
 def kept_format(input: torch.Tensor) -> torch.memory_format:
-    """The memory format group_norm keeps: channels_last(_3d) when the input
-    already is (and is not also contiguous), else contiguous."""
+    """The memory format group_norm, the response norms and conv2d keep:
+    channels_last(_3d) when the input already is (and is not also
+    contiguous), else contiguous (csrc/common/layout.h in C++)."""
     if not input.is_contiguous():
         if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
             return torch.channels_last

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import channel_shuffle
+from ..reference import channel_shuffle, kept_format
 from . import op_defined, register_autograd
 from .l2_norm import _grad_of_formula
 
@@ -57,16 +57,8 @@ def conv_backward_formula(dy, x, w, stride, padding, dilation, groups, shuffle, 
             gw = next(got) if mask[1] else None
     if mask[2]:
         # the inverse shuffle of channel_shuffle(., s) is channel_shuffle(., C // s)
-        gb = channel_shuffle(dy, dy.shape[1] // shuffle).sum((0, 2, 3))
+        gb = (channel_shuffle(dy, dy.shape[1] // shuffle) if shuffle > 1 else dy).sum((0, 2, 3))
     return gx, gw, gb
-
-
-def layout_of(t: torch.Tensor) -> torch.memory_format:
-    """The output's (and grad_input's) memory format, as csrc/conv/conv.cpp
-    chooses it: channels_last for a channels_last input, as torch's."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 if op_defined("conv2d"):
@@ -78,7 +70,7 @@ if op_defined("conv2d"):
         oh, ow = out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
         torch._check(oh > 0 and ow > 0, lambda: "conv2d: kernel larger than padded input")
         out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
-        return out.contiguous(memory_format=layout_of(input))
+        return out.contiguous(memory_format=kept_format(input))
 
     def _conv_setup(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups, shuffle = inputs
@@ -107,7 +99,7 @@ if op_defined("conv2d_backward"):
     @torch.library.register_fake("torchfuse::conv2d_backward")
     def _conv2d_backward_fake(grad_out, input, weight, stride, padding, dilation, groups,
                               shuffle_groups, output_mask):
-        gx = (input.new_empty(input.shape).contiguous(memory_format=layout_of(input))
+        gx = (input.new_empty(input.shape).contiguous(memory_format=kept_format(input))
               if output_mask[0] else input.new_empty((0,)))
         gw = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,))
         gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))
