@@ -16,6 +16,12 @@ inline bool is_kernel_dtype(at::ScalarType t) {
       t == at::kDouble;
 }
 
+// The type kernels accumulate in, and save statistics and parameter gradients
+// in: float64 for float64 input, float32 for the others.
+inline at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // torch raises NotImplementedError ("... not implemented for 'Int'") when a
 // floating-point op gets an integer tensor; so do we.
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {

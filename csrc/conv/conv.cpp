@@ -46,10 +46,6 @@ constexpr const char* kOp = "conv2d";
 // Bytes of im2col buffer per chunk of samples (at least one sample).
 constexpr int64_t kColBudget = int64_t{32} << 20;
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* arg) {
   TORCH_CHECK(
       v.size() == 2 || v.size() == 1, kOp, ": expected ", arg,

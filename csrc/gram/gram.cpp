@@ -34,10 +34,6 @@ namespace torchfuse::gram {
 
 namespace {
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The input as GEMM operands: f (N, C, L) and ft (N, L, C), views of one
 // buffer; cl: the buffer is (N, L, C) contiguous (channels innermost).
 struct Operand {

@@ -38,10 +38,6 @@ bool has(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_param(
     const char* op,
     const char* arg,

@@ -30,10 +30,6 @@ namespace torchfuse::l2_norm {
 
 namespace {
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor acc_tensor(const std::optional<at::Tensor>& t, const at::Tensor& input) {
   if (!t.has_value() || !t->defined()) return {};
   return t->to(acc_type(input)).contiguous().view({-1});

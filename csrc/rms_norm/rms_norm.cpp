@@ -59,10 +59,6 @@ Dims check_args(
           prod(normalized_shape)};
 }
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // weight as a flat contiguous tensor of the accumulate type (a no-op for a
 // float32 weight with float32/half/bfloat16 input), or undefined.
 at::Tensor acc_weight(
