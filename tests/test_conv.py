@@ -55,6 +55,13 @@ CASES = [
     (1, 3, 11, 10, 24, 3, 1, 2, 2, 3, 3),
     (1, 2, 6, 6, 32, 3, 1, 1, 1, 2, 1),
     (1, 4, 7, 7, 4, (1, 7), 1, (0, 3), 1, 4, 1),
+    # the CPU direct kernels split their input planes into stride phases (by
+    # row and column): stride 3, unequal strides with dilation, and a row
+    # wide enough for whole vectors of the stride-2 column split
+    (1, 4, 11, 13, 4, 3, 3, 1, 1, 4, 1),
+    (2, 6, 9, 10, 6, (3, 2), (1, 2), 1, (2, 3), 6, 1),
+    (1, 8, 13, 12, 8, 3, (3, 2), 2, 2, 2, 1),
+    (1, 3, 5, 70, 3, 3, 2, 1, 1, 3, 1),
     # asymmetric "same" (even kernel, odd total padding) and "valid"
     (2, 6, 7, 8, 9, (2, 4), 1, "same", 1, 3, 3),
     (2, 4, 7, 8, 4, 4, 1, "same", (1, 3), 4, 1),
@@ -249,6 +256,30 @@ def test_conv2d_float16_range(device):
     ref = R.conv2d(x.double(), w.double(), shuffle_groups=2)
     err = ((out.double() - ref).abs() / ref.abs()).max().item()
     assert err <= torch.finfo(torch.float16).eps, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("case", [(1, 4, 7, 9, 4, 3, 1, 1, 1, 4, 1),
+                                  (1, 4, 7, 9, 8, 3, 2, 1, 1, 4, 1),
+                                  (1, 8, 8, 9, 8, 3, (1, 2), 1, 1, 2, 1)],
+                         ids=["depthwise", "depthwise-s2", "grouped"])
+def test_conv2d_nonfinite_input_like_torch(device, case):
+    """inf in the input's last column: taps that never read that column keep
+    a finite weight gradient, as in torch (the CPU kernels' flat runs pass
+    zeros of dy over such elements, and 0 * inf is NaN)."""
+    x, w, b = _tensors(case, torch.float32, device)
+    with torch.no_grad():
+        x[0, :, 2, -1] = float("inf")
+        x[0, :, 4, -1] = float("-inf")
+    args = _args(case)
+    ours = F.conv2d(x, w, b, **args)
+    theirs = _torch_conv(*(leaf(t) for t in (x, w, b)), **args)
+    go = randn(*ours.shape, device=device)
+    expected = _run(lambda *t: _torch_conv(*t, **args), [leaf(t) for t in (x, w, b)], go)
+    got = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
+    assert torch.isfinite(expected[2][:, :, :, 0]).all()  # the case tests what it says
+    for name, o, e in zip(("out", "grad_input", "grad_weight", "grad_bias"), got, expected):
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4, equal_nan=True, msg=name)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 # -------------------------------------------------------------------- autograd

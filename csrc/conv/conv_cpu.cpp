@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace torchfuse::conv {
@@ -136,132 +137,161 @@ void col2im_kernel(const Col2imParams& p) {
 // The direct kernels work whole channel planes, out of copies of a group's
 // input planes in the accumulate type with their zero padding materialised
 // (a few KB each for the usual sizes: they stay in L1/L2), so that no inner
-// loop carries a bounds check. A copy is split into sw column phases:
-// element (r, col) of the padded plane sits at r * rs + (col % sw) * wph +
-// col / sw (rs = sw * wph). Tap (i, j) of output (oh, ow) reads padded
-// element (oh*sh + i*dh, ow*sw + j*dw): phase (j*dw) % sw, index ow +
-// (j*dw) / sw, so for every stride a tap's reads along an output row are one
-// contiguous run, and an output row is cin_g * KH * KW vector multiply-adds
-// over contiguous runs, with the sums in registers.
+// loop carries a bounds check. A copy is split into sh x sw phases by row
+// and column: element (r, c) of the padded plane sits in phase
+// (r % sh, c % sw), a sub-plane of hph x wph elements, at row r / sh, column
+// c / sw. Tap (i, j) of output (oh, ow) reads padded element (oh*sh + i*dh,
+// ow*sw + j*dw): phase ((i*dh) % sh, (j*dw) % sw), row oh + (i*dh) / sh,
+// column ow + (j*dw) / sw, i.e. toff(i, j) + oh * wph + ow. So for every
+// stride each tap's reads over the whole output plane are one run over
+// e = oh * wph + ow (kFlat), and an output plane is cin_g * KH * KW vector
+// multiply-adds over such runs, with the sums in registers. (Computing a
+// row at a time instead, as stride 2 did before, cost MobileNetV2's 14 -> 7
+// layer 4 ns per output where stride 1 took 0.7: 7 of 32 lanes used.)
 
 struct PlaneShape {
-  int64_t rows = 0, wph = 0, sw = 1, rs = 0;
-  PlaneShape(int64_t rows_, int64_t cols, int64_t sw_)
-      : rows(rows_), wph((cols + sw_ - 1) / sw_), sw(sw_), rs(sw_ * ((cols + sw_ - 1) / sw_)) {}
-  int64_t size() const { return rows * rs; }
-  // where tap column j*dw of an output row starts, relative to its row
-  int64_t tap(int64_t jd) const { return (jd % sw) * wph + jd / sw; }
+  int64_t sh = 1, sw = 1, hph = 0, wph = 0, sub = 0;
+  PlaneShape(int64_t rows, int64_t cols, int64_t sh_, int64_t sw_)
+      : sh(sh_), sw(sw_), hph((rows + sh_ - 1) / sh_), wph((cols + sw_ - 1) / sw_),
+        sub(hph * wph) {}
+  int64_t size() const { return sh * sw * sub; }
+  // padded element (r, c)
+  int64_t pos(int64_t r, int64_t c) const {
+    return ((r % sh) * sw + c % sw) * sub + (r / sh) * wph + c / sw;
+  }
+};
+
+// Where input column u, u + sw, u + 2*sw, ... of a row goes, for u < sw:
+// padded column u + left, i.e. column phase (u + left) % sw from index
+// (u + left) / sw on; off[u] is that start relative to the row's phase 0,
+// cnt[u] how many columns there are. A function of the shape only.
+struct ColumnSplit {
+  std::vector<int64_t> off, cnt;
+  ColumnSplit(const PlaneShape& s, int64_t W, int64_t left) : off(s.sw), cnt(s.sw) {
+    for (int64_t u = 0; u < s.sw; ++u) {
+      off[u] = ((u + left) % s.sw) * s.sub + (u + left) / s.sw;
+      cnt[u] = u < W ? (W - u + s.sw - 1) / s.sw : 0;
+    }
+  }
 };
 
 // The plane `src` (H x W, in T) into `buf` (shape s, zeroed first), its
-// element (h, w) at padded position (h + top, w + left).
+// element (h, w) at padded position (h + top, w + left); cs = ColumnSplit(s,
+// W, left). Each row is converted to the accumulate type in `row` and then
+// dealt to its column phases: two vectors at a time at stride 2
+// (deinterleave2), element by element at larger strides. (Per plane this
+// used to cost a few integer divisions per row and a scalar strided copy:
+// the fill alone took 2-5 ns per output of a stride-2 depthwise layer, the
+// multiply-adds 0.6-1.4.)
 template <typename T>
 void fill_plane(const T* src, int64_t H, int64_t W, int64_t top, int64_t left,
-                const PlaneShape& s, at::opmath_type<T>* buf, at::opmath_type<T>* row) {
+                const PlaneShape& s, const ColumnSplit& cs, at::opmath_type<T>* buf,
+                at::opmath_type<T>* row) {
   using A = at::opmath_type<T>;
+  using AVec = at::vec::Vectorized<A>;
+  constexpr int64_t V = AVec::size();
   std::fill(buf, buf + s.size(), A(0));
+  int64_t ph = top % s.sh, ri = top / s.sh;  // row phase and index of padded row h + top
   for (int64_t h = 0; h < H; ++h) {
-    A* dst = buf + (h + top) * s.rs;
+    A* dst = buf + ph * s.sw * s.sub + ri * s.wph;  // column phase 0 of the row
+    if (++ph == s.sh) {
+      ph = 0;
+      ++ri;
+    }
     if (s.sw == 1) {
       load_row(src + h * W, dst + left, W);
-    } else {
-      load_row(src + h * W, row, W);
-      for (int64_t q = 0; q < s.sw; ++q) {  // phase q: padded columns k*sw + q
-        int64_t lo, hi;
-        valid_range(q - left, s.sw, W, s.wph, lo, hi);
-        A* dq = dst + q * s.wph;
-        const A* rq = row + q - left;
-        for (int64_t k = lo; k < hi; ++k) dq[k] = rq[k * s.sw];
+      continue;
+    }
+    load_row(src + h * W, row, W);
+    if (s.sw == 2) {  // masked loads and stores at the row's end
+      A* d0 = dst + cs.off[0];
+      A* d1 = dst + cs.off[1];
+      for (int64_t m = 0; 2 * m < W; m += V) {
+        const int64_t c = W - 2 * m;
+        const AVec lo = AVec::loadu(row + 2 * m, static_cast<int>(std::min(c, V)));
+        const AVec hi = c > V ? AVec::loadu(row + 2 * m + V, static_cast<int>(std::min(c - V, V)))
+                              : AVec(A(0));
+        const auto [even, odd] = at::vec::deinterleave2(lo, hi);
+        even.store(d0 + m, static_cast<int>(std::min(cs.cnt[0] - m, V)));
+        if (cs.cnt[1] > m) odd.store(d1 + m, static_cast<int>(std::min(cs.cnt[1] - m, V)));
       }
+      continue;
+    }
+    for (int64_t u = 0; u < s.sw; ++u) {
+      A* d = dst + cs.off[u];
+      const A* r = row + u;
+      for (int64_t m = 0; m < cs.cnt[u]; ++m) d[m] = r[m * s.sw];
     }
   }
 }
 
-// kFlat: with stride 1, output (oh, ow) reads padded element oh*rs + ow +
-// toff[t] of each plane, so an output plane is one run over e = oh*rs + ow,
-// e < OH*rs, whose columns ow >= OW are computed and thrown away: a 14x14
-// plane (rs 16) fills 7 steps of 32 lanes 88% full, where its rows would
-// fill 14 of 32. The run reads up to (KW-1)*dw past the plane: each plane
-// has rs zeros of slack after it. Results go through a float buffer.
+// kFlat: output (oh, ow) reads element oh*rs + ow + toff[t] of each plane
+// (rs: its phases' row length), so an output plane is one run over
+// e = oh*rs + ow, e < OH*rs, whose columns ow >= OW are computed and thrown
+// away: a 14x14 plane (rs 16) fills 7 steps of 32 lanes 88% full, where its
+// rows would fill 14 of 32. The run reads up to rs - 1 elements past the
+// plane: each plane has rs elements of slack after it. Results go through
+// a float buffer.
 //
-// Output rows [0, OHn) of R output planes at once, a step of 2 vectors of
-// columns at a time: init[r] + sum over input planes ci < nin and taps t of
-// wblk[(ci * kk + t) * R + r] * planes[ci * psize + oh*sh*rs + toff[t] + o],
-// the 2R sums kept in registers (each load of an input feeds R outputs),
-// handed to store(r, oh, o, count, a, b).
-template <int R, typename A, typename Store>
-TF_ALWAYS_INLINE void block_rows(const A* planes, int64_t psize, int64_t nin, int64_t rs,
-                                 const int64_t* toff, int64_t kk, const A* wblk, const A* init,
-                                 int64_t sh, int64_t OHn, int64_t OWn, const Store& store) {
+// The run [0, E) of R output planes at once, a step of 2 vectors at a time:
+// init[r] + sum over input planes ci < nin and taps t of
+// wblk[(ci * kk + t) * R + r] * planes[ci * psize + toff[t] + e], the 2R
+// sums kept in registers (each load of an input feeds R outputs), stored to
+// obuf + r * E + e.
+template <int R, typename A>
+TF_ALWAYS_INLINE void block_run(const A* planes, int64_t psize, int64_t nin, const int64_t* toff,
+                                int64_t kk, const A* wblk, const A* init, int64_t E, A* obuf) {
   using AVec = at::vec::Vectorized<A>;
-  for (int64_t oh = 0; oh < OHn; ++oh) {
-    const A* base = planes + oh * sh * rs;
-    // a plain loop (see tap_dots)
-    for (int64_t o = 0; o < OWn; o += 2 * AVec::size()) {
-      const int64_t c = std::min<int64_t>(2 * AVec::size(), OWn - o);
-      AVec acc[2 * R];
-      for (int r = 0; r < R; ++r) acc[2 * r] = acc[2 * r + 1] = AVec(init[r]);
-      for (int64_t ci = 0; ci < nin; ++ci) {
-        const A* bi = base + ci * psize + o;
-        const A* wi = wblk + ci * kk * R;
-        for (int64_t t = 0; t < kk; ++t) {
-          AVec x0, x1;
-          cpu::AccIO<A>::load(bi + toff[t], c, x0, x1);
-          for (int r = 0; r < R; ++r) {
-            const AVec wv(wi[t * R + r]);
-            acc[2 * r] = at::vec::fmadd(wv, x0, acc[2 * r]);
-            acc[2 * r + 1] = at::vec::fmadd(wv, x1, acc[2 * r + 1]);
-          }
+  // a plain loop (see tap_dots)
+  for (int64_t o = 0; o < E; o += 2 * AVec::size()) {
+    const int64_t c = std::min<int64_t>(2 * AVec::size(), E - o);
+    AVec acc[2 * R];
+    for (int r = 0; r < R; ++r) acc[2 * r] = acc[2 * r + 1] = AVec(init[r]);
+    for (int64_t ci = 0; ci < nin; ++ci) {
+      const A* bi = planes + ci * psize + o;
+      const A* wi = wblk + ci * kk * R;
+      for (int64_t t = 0; t < kk; ++t) {
+        AVec x0, x1;
+        cpu::AccIO<A>::load(bi + toff[t], c, x0, x1);
+        for (int r = 0; r < R; ++r) {
+          const AVec wv(wi[t * R + r]);
+          acc[2 * r] = at::vec::fmadd(wv, x0, acc[2 * r]);
+          acc[2 * r + 1] = at::vec::fmadd(wv, x1, acc[2 * r + 1]);
         }
       }
-      for (int r = 0; r < R; ++r) store(r, oh, o, c, acc[2 * r], acc[2 * r + 1]);
     }
+    for (int r = 0; r < R; ++r) cpu::AccIO<A>::store(obuf + r * E + o, acc[2 * r], acc[2 * r + 1], c);
   }
 }
 
-constexpr int64_t kBlock = 4;  // output planes per block_rows pass
+constexpr int64_t kBlock = 4;  // output planes per block_run pass
 
-// block_rows with R = rcount (1 to kBlock) fixed at compile time (inlined
-// into the task, with the store lambda: see test_package's nm check).
-template <typename A, typename Store>
-TF_ALWAYS_INLINE void block_rows_n(int64_t rcount, const A* planes, int64_t psize, int64_t nin, int64_t rs,
-                  const int64_t* toff, int64_t kk, const A* wblk, const A* init, int64_t sh,
-                  int64_t OHn, int64_t OWn, const Store& store) {
-  switch (rcount) {
-    case 1: block_rows<1>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
-      return;
-    case 2: block_rows<2>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
-      return;
-    case 3: block_rows<3>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
-      return;
-    default: block_rows<4>(planes, psize, nin, rs, toff, kk, wblk, init, sh, OHn, OWn, store);
-  }
-}
-
-// The kFlat run of R output planes (e < E = rows * rs) through obuf (plane
-// r at r * E), then each plane's rows (their first OWn columns) stored to
-// out(r), an (rows, OWn) plane of T.
+// The kFlat run of R (1 to kBlock) output planes (e < E = rows * rs) through
+// obuf (plane r at r * E), then each plane's rows (their first OWn columns)
+// stored to out(r), an (rows, OWn) plane of T.
 template <typename T, typename A, typename Out>
 TF_ALWAYS_INLINE void flat_block(int64_t R, const A* planes, int64_t psize, int64_t nin,
                                  int64_t rs, const int64_t* toff, int64_t kk, const A* wblk,
                                  const A* init, int64_t rows, int64_t OWn, A* obuf,
                                  const Out& out) {
-  using AVec = at::vec::Vectorized<A>;
   const int64_t E = rows * rs;
-  block_rows_n(R, planes, psize, nin, rs, toff, kk, wblk, init, 1, 1, E,
-               [&](int64_t r, int64_t, int64_t e, int64_t cnt, const AVec& u, const AVec& v)
-                   TF_INLINE_LAMBDA { cpu::AccIO<A>::store(obuf + r * E + e, u, v, cnt); });
+  switch (R) {  // R fixed at compile time
+    case 1: block_run<1>(planes, psize, nin, toff, kk, wblk, init, E, obuf); break;
+    case 2: block_run<2>(planes, psize, nin, toff, kk, wblk, init, E, obuf); break;
+    case 3: block_run<3>(planes, psize, nin, toff, kk, wblk, init, E, obuf); break;
+    default: block_run<4>(planes, psize, nin, toff, kk, wblk, init, E, obuf);
+  }
   for (int64_t r = 0; r < R; ++r) {
     T* o = out(r);
     for (int64_t h = 0; h < rows; ++h) store_row<T>(obuf + r * E + h * rs, o + h * OWn, OWn);
   }
 }
 
-// toff[i * KW + j] = i * dh * rs + (where column tap j*dw starts in a row)
+// toff[i * KW + j]: where tap (i, j)'s run starts in a plane
 inline std::vector<int64_t> tap_offsets(const Geometry& g, const PlaneShape& s) {
   std::vector<int64_t> toff(g.kk());
   for (int64_t i = 0; i < g.KH; ++i) {
-    for (int64_t j = 0; j < g.KW; ++j) toff[i * g.KW + j] = i * g.dh * s.rs + s.tap(j * g.dw);
+    for (int64_t j = 0; j < g.KW; ++j) toff[i * g.KW + j] = s.pos(i * g.dh, j * g.dw);
   }
   return toff;
 }
@@ -273,7 +303,6 @@ inline std::vector<int64_t> tap_offsets(const Geometry& g, const PlaneShape& s) 
 template <typename T>
 void direct_forward_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
-  using AVec = at::vec::Vectorized<A>;
   const Geometry& g = p.g;
   const T* x = p.x.const_data_ptr<T>();
   const T* w = p.w.const_data_ptr<T>();
@@ -281,19 +310,18 @@ void direct_forward_kernel(const DirectParams& p) {
   T* out = p.out.mutable_data_ptr<T>();
   const int64_t cin_g = g.cin_g(), cout_g = g.cout_g(), kk = g.kk(), OH = g.OH, OW = g.OW;
   const int64_t nblk = (cout_g + kBlock - 1) / kBlock;
-  const PlaneShape s(g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.sw);
+  const PlaneShape s(g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.sh, g.sw);
   const std::vector<int64_t> toff = tap_offsets(g, s);
-  // stride 1: the plane computed as one flat run (see kFlat)
-  const bool flat = g.sh == 1 && g.sw == 1;
-  const int64_t psize = s.size() + s.rs, E = OH * s.rs;
+  const ColumnSplit cs(s, g.W, g.pl);
+  const int64_t psize = s.size() + s.wph, E = OH * s.wph;  // computed flat (kFlat)
   at::parallel_for(0, g.N * g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> planes(cin_g * psize), row(g.W), wblk(cin_g * kk * kBlock), init(kBlock),
-        obuf(flat ? kBlock * E : 0);
+        obuf(kBlock * E);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
       // the blocks of one (sample, group) are consecutive tasks: fill once
       for (int64_t ci = 0; ci < cin_g && (t == begin || blk == 0); ++ci) {
-        fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s,
+        fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s, cs,
                    planes.data() + ci * psize, row.data());
       }
       const int64_t c0 = gi * cout_g + blk * kBlock;
@@ -305,18 +333,9 @@ void direct_forward_kernel(const DirectParams& p) {
         }
       }
       T* o = out + n * g.Cout * OH * OW;
-      if (flat) {
-        flat_block<T>(R, planes.data(), psize, cin_g, s.rs, toff.data(), kk, wblk.data(),
-                      init.data(), OH, OW, obuf.data(),
-                      [&](int64_t r) TF_INLINE_LAMBDA { return o + g.pos(c0 + r) * OH * OW; });
-        continue;
-      }
-      block_rows_n(R, planes.data(), psize, cin_g, s.rs, toff.data(), kk, wblk.data(),
-                   init.data(), g.sh, OH, OW,
-                   [&](int64_t r, int64_t oh, int64_t ow, int64_t cnt, const AVec& u,
-                       const AVec& v) TF_INLINE_LAMBDA {
-                     cpu::VecIO<T>::store(o + (g.pos(c0 + r) * OH + oh) * OW + ow, u, v, cnt);
-                   });
+      flat_block<T>(R, planes.data(), psize, cin_g, s.wph, toff.data(), kk, wblk.data(),
+                    init.data(), OH, OW, obuf.data(),
+                    [&](int64_t r) TF_INLINE_LAMBDA { return o + g.pos(c0 + r) * OH * OW; });
     }
   });
 }
@@ -330,7 +349,6 @@ void direct_forward_kernel(const DirectParams& p) {
 template <typename T>
 void direct_dinput_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
-  using AVec = at::vec::Vectorized<A>;
   const Geometry& g = p.g;
   const T* dy = p.dy.const_data_ptr<T>();
   const T* w = p.w.const_data_ptr<T>();
@@ -339,12 +357,12 @@ void direct_dinput_kernel(const DirectParams& p) {
   const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW;
   const int64_t nblk = (cin_g + kBlock - 1) / kBlock;
   const int64_t top = (g.KH - 1) * g.dh - g.pt, left = (g.KW - 1) * g.dw - g.pl;
-  const PlaneShape s(H + (g.KH - 1) * g.dh, W + (g.KW - 1) * g.dw, 1);
+  const PlaneShape s(H + (g.KH - 1) * g.dh, W + (g.KW - 1) * g.dw, 1, 1);
   const std::vector<int64_t> toff = tap_offsets(g, s);
   // output columns whose position ow*sw + left lies in the plane
   int64_t lo, hi;
   valid_range(left, g.sw, s.wph, OW, lo, hi);
-  const int64_t psize = s.size() + s.rs, E = H * s.rs;  // computed flat (kFlat)
+  const int64_t psize = s.size() + s.wph, E = H * s.wph;  // computed flat (kFlat)
   at::parallel_for(0, g.N * g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> planes(cout_g * psize), row(OW), wblk(cout_g * kk * kBlock),
         init(kBlock, A(0)), obuf(kBlock * E);
@@ -357,8 +375,8 @@ void direct_dinput_kernel(const DirectParams& p) {
         std::fill(buf, buf + s.size(), A(0));
         for (int64_t oh = 0; oh < OH; ++oh) {
           const int64_t r = oh * g.sh + top;
-          if (r < 0 || r >= s.rows || lo >= hi) continue;
-          A* dst = buf + r * s.rs + left;
+          if (r < 0 || r >= s.hph || lo >= hi) continue;
+          A* dst = buf + r * s.wph + left;
           if (g.sw == 1) {
             load_row(dyc + oh * OW + lo, dst + lo, hi - lo);
           } else {
@@ -377,7 +395,7 @@ void direct_dinput_kernel(const DirectParams& p) {
         }
       }
       T* d = dx + (n * g.Cin + gi * cin_g + i0) * H * W;
-      flat_block<T>(R, planes.data(), psize, cout_g, s.rs, toff.data(), kk, wblk.data(),
+      flat_block<T>(R, planes.data(), psize, cout_g, s.wph, toff.data(), kk, wblk.data(),
                     init.data(), H, W, obuf.data(),
                     [&](int64_t r) TF_INLINE_LAMBDA { return d + r * H * W; });
     }
@@ -450,9 +468,14 @@ void tap_dots_n(int64_t count, const A* src, const int64_t* toff, const A* dyf, 
 // grad_weight: one task per block of output channels of a group. Per sample,
 // the group's input planes are copied and padded as the forward reads them
 // and each output's dy plane is converted once; then, per (input channel,
-// tap), the products of dy's rows and the plane's rows are added to two
-// vector partial sums per weight, which run over all samples and are reduced
-// at the end (a fixed order: the thread count changes no bit).
+// tap), the products of dy and the plane's tap run (kFlat: dy's rows spaced
+// wph apart with zeros between) are added to two vector partial sums per
+// weight, which run over all samples and are reduced at the end (a fixed
+// order: the thread count changes no bit). The zeros of the flat run meet
+// input elements that this tap does not read; where one of those is inf or
+// NaN, 0 * inf would make the sum NaN where torch's is finite, so a block
+// whose result is not finite is computed again a row at a time, reading
+// only what each tap reads.
 template <typename T>
 void direct_dweight_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
@@ -463,50 +486,60 @@ void direct_dweight_kernel(const DirectParams& p) {
   const T* x = p.x.const_data_ptr<T>();
   A* dw = p.dw.mutable_data_ptr<A>();
   const int64_t cin_g = g.cin_g(), cout_g = g.cout_g(), kk = g.kk(), OH = g.OH, OW = g.OW;
-  const PlaneShape s(g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.sw);
+  const PlaneShape s(g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.sh, g.sw);
   const std::vector<int64_t> toff = tap_offsets(g, s);
-  // stride 1: flat runs over the plane (kFlat), dy's rows spaced rs apart
-  // with zeros between
-  const bool flat = g.sh == 1 && g.sw == 1;
-  const int64_t psize = s.size() + s.rs, E = OH * s.rs;
+  const ColumnSplit cs(s, g.W, g.pl);
+  const int64_t psize = s.size() + s.wph, E = OH * s.wph;
   // one task per block of up to 8 output channels of one group: the group's
   // input planes are filled once per sample for the whole block
   constexpr int64_t kOut = 8;
   const int64_t nblk = (cout_g + kOut - 1) / kOut;
   at::parallel_for(0, g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> planes(cin_g * psize), row(g.W), dyf(flat ? E : OH * OW);
+    std::vector<A> planes(cin_g * psize), row(g.W), dyf(E), dyr;
     // two vectors of partial sums per weight
     std::vector<A> part(2 * AVec::size() * kOut * cin_g * kk);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t gi = t / nblk, c0 = gi * cout_g + (t % nblk) * kOut;
       const int64_t R = std::min(kOut, (gi + 1) * cout_g - c0);
-      std::fill(part.begin(), part.end(), A(0));
-      for (int64_t n = 0; n < g.N; ++n) {
-        for (int64_t ci = 0; ci < cin_g; ++ci) {
-          fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s,
-                     planes.data() + ci * psize, row.data());
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const T* dyc = dy + (n * g.Cout + g.pos(c0 + r)) * OH * OW;
-          if (flat) {
-            for (int64_t oh = 0; oh < OH; ++oh) {
-              load_row(dyc + oh * OW, dyf.data() + oh * s.rs, OW);
-            }
-          } else {
-            load_row(dyc, dyf.data(), OH * OW);
-          }
+      A* out = dw + c0 * cin_g * kk;
+      // flat: runs over dyf; else rows of dyr (OH x OW)
+      const auto accumulate = [&](bool flat) TF_INLINE_LAMBDA {
+        std::fill(part.begin(), part.end(), A(0));
+        for (int64_t n = 0; n < g.N; ++n) {
           for (int64_t ci = 0; ci < cin_g; ++ci) {
-            for (int64_t t0 = 0; t0 < kk; t0 += kTapBlock) {
-              tap_dots_n(std::min(kTapBlock, kk - t0), planes.data() + ci * psize,
-                         toff.data() + t0, dyf.data(), flat ? 1 : OH, flat ? E : OW,
-                         g.sh * s.rs, part.data() + 2 * V * ((r * cin_g + ci) * kk + t0));
+            fill_plane(x + (n * g.Cin + gi * cin_g + ci) * g.H * g.W, g.H, g.W, g.pt, g.pl, s, cs,
+                       planes.data() + ci * psize, row.data());
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            const T* dyc = dy + (n * g.Cout + g.pos(c0 + r)) * OH * OW;
+            if (flat) {
+              for (int64_t oh = 0; oh < OH; ++oh) {
+                load_row(dyc + oh * OW, dyf.data() + oh * s.wph, OW);
+              }
+            } else {
+              load_row(dyc, dyr.data(), OH * OW);
+            }
+            for (int64_t ci = 0; ci < cin_g; ++ci) {
+              for (int64_t t0 = 0; t0 < kk; t0 += kTapBlock) {
+                tap_dots_n(std::min(kTapBlock, kk - t0), planes.data() + ci * psize,
+                           toff.data() + t0, flat ? dyf.data() : dyr.data(), flat ? 1 : OH,
+                           flat ? E : OW, s.wph,
+                           part.data() + 2 * V * ((r * cin_g + ci) * kk + t0));
+              }
             }
           }
         }
-      }
-      for (int64_t e = 0; e < R * cin_g * kk; ++e) {
-        const A* pe = part.data() + 2 * V * e;
-        dw[c0 * cin_g * kk + e] = cpu::reduce_sum(AVec::loadu(pe) + AVec::loadu(pe + V));
+        bool finite = true;
+        for (int64_t e = 0; e < R * cin_g * kk; ++e) {
+          const A* pe = part.data() + 2 * V * e;
+          out[e] = cpu::reduce_sum(AVec::loadu(pe) + AVec::loadu(pe + V));
+          finite = finite && std::isfinite(out[e]);
+        }
+        return finite;
+      };
+      if (!accumulate(true)) {
+        dyr.resize(OH * OW);
+        accumulate(false);
       }
     }
   });
