@@ -424,6 +424,7 @@ CONV_SHAPES = [
     ("shufflenetv2-dw", 32, 116, 28, 116, 3, 1, 1, 1, 116, 1),
     ("shufflenetv2-dw", 1, 232, 14, 232, 3, 1, 1, 1, 232, 1),
     ("mobilenetv2-dw-s2", 32, 144, 56, 144, 3, 2, 1, 1, 144, 1),
+    ("mobilenetv2-dw-s2", 32, 576, 14, 576, 3, 2, 1, 1, 576, 1),
     ("mobilenetv2-dw", 32, 384, 14, 384, 3, 1, 1, 1, 384, 1),
     ("shufflenetv1-g3-gconv+shuffle", 32, 240, 28, 240, 1, 1, 0, 1, 3, 3),
     ("shufflenetv1-g8-gconv+shuffle", 32, 384, 28, 96, 1, 1, 0, 1, 8, 8),
@@ -434,12 +435,16 @@ CONV_SHAPES = [
     ("deeplabv3-layer4-atrous", 1, 512, 33, 512, 3, 1, 2, 2, 1, 1),
     ("drn-d-dilated2", 8, 256, 28, 256, 3, 1, 2, 2, 1, 1),
 ]
+# also run with channels_last input (what a channels_last CNN hands them)
+CONV_CHANNELS_LAST = ("mobilenetv2-dw",)
 
 
-def _conv_inputs(N, C, HW, Co, k, groups):
+def _conv_inputs(N, C, HW, Co, k, groups, channels_last=False):
     def make(device, dtype):
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(N, C, HW, HW, generator=g).to(device, dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         w = (torch.randn(Co, C // groups, k, k, generator=g) / (C // groups * k * k) ** 0.5)
         b = torch.randn(Co, generator=g)
         return {"x": x.requires_grad_(), "weight": w.to(device, dtype).requires_grad_(),
@@ -468,15 +473,17 @@ def conv_cases() -> list[Case]:
             nx, ny = N * C * HW * HW * sz, N * Co * ohw * ohw * sz
             nw = Co * C // g * k * k * sz
             tf, eager = _conv_fns(s, p, d, g, sh)
-            cases.append(Case(
-                op="conv2d", name=f"{label} {N}x{C}x{HW}x{HW}->{Co}", dtype=dtype,
-                make_inputs=_conv_inputs(N, C, HW, Co, k, g),
-                torchfuse=tf, eager=eager, grad_inputs=("x", "weight", "bias"),
-                # fwd: read x, w; write y. bwd: read dy, x, w; write dx, dw.
-                # A floor for the depthwise and 1x1 ones; the dense and
-                # grouped 3x3 ones are bound by their FLOPs
-                bytes_fwd=nx + nw + ny, bytes_bwd=ny + 2 * nx + 2 * nw,
-            ))
+            for cl in (False, True) if label.startswith(CONV_CHANNELS_LAST) else (False,):
+                cases.append(Case(
+                    op="conv2d", name=f"{label} {N}x{C}x{HW}x{HW}->{Co}", dtype=dtype,
+                    make_inputs=_conv_inputs(N, C, HW, Co, k, g, cl),
+                    torchfuse=tf, eager=eager, grad_inputs=("x", "weight", "bias"),
+                    # fwd: read x, w; write y. bwd: read dy, x, w; write dx, dw.
+                    # A floor for the depthwise and 1x1 ones; the dense and
+                    # grouped 3x3 ones are bound by their FLOPs
+                    bytes_fwd=nx + nw + ny, bytes_bwd=ny + 2 * nx + 2 * nw,
+                    tags={"layout": "channels_last"} if cl else {},
+                ))
     return cases
 
 

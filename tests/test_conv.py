@@ -158,18 +158,24 @@ def test_conv2d_layouts(device, layout, case):
     assert gx.shape == x.shape
 
 
-@pytest.mark.parametrize("case", [(2, 64, 12, 12, 32, 3, 1, 1, 1, 1, 1),
-                                  (2, 34, 6, 5, 4, 3, 2, 2, 2, 2, 1)],
-                         ids=["groups1", "grouped"])
-def test_conv2d_platform_path_is_torchs(device, case):
-    """No direct kernel, no shuffle, symmetric padding: torch's own
-    convolution runs (oneDNN / cuDNN, faster than im2col + GEMM there), so
-    the output and the input and weight gradients are torch's, bit for bit on
-    the CPU (im2col + GEMM sums in another order here: the output and
-    grad_input of the first case and grad_weight of the second differ)."""
-    x, w, b = _tensors(case, torch.float32, device)
+@pytest.mark.parametrize("case,layout", [((2, 64, 12, 12, 32, 3, 1, 1, 1, 1, 1), "contiguous"),
+                                         ((2, 34, 6, 5, 4, 3, 2, 2, 2, 2, 1), "contiguous"),
+                                         ((2, 8, 9, 7, 8, 3, 2, 1, 1, 8, 1), "channels_last"),
+                                         ((2, 8, 9, 7, 16, 3, 1, 1, 1, 2, 1), "channels_last")],
+                         ids=["groups1", "grouped", "depthwise-cl", "grouped-cl"])
+def test_conv2d_platform_path_is_torchs(device, case, layout):
+    """No shuffle, symmetric padding, and no direct kernel (or, on the CPU,
+    channels_last input, which the direct kernels would copy to NCHW and
+    back): torch's own convolution runs (oneDNN / cuDNN, faster than im2col
+    + GEMM there), so the output and the input and weight gradients are
+    torch's, bit for bit on the CPU (im2col + GEMM sums in another order
+    here: the output and grad_input of the first case and grad_weight of
+    the second differ)."""
+    x, w, b = _tensors(case, torch.float32, device, layout=layout)
     args = _args(case)
     go = randn(*F.conv2d(x, w, b, **args).shape, device=device)
+    if layout == "channels_last":
+        go = go.contiguous(memory_format=torch.channels_last)
     ours = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
     lt = [leaf(t) for t in (x, w, b)]
     theirs = _run(lambda *t: _torch_conv(*t, **args), lt, go)

@@ -21,8 +21,9 @@
 // Groups with few input channels (launch.use_direct: on CPU at most 16 input
 // channels per group, 8 in float32/float64 without a shuffle; on CUDA
 // depthwise with at most 8 outputs per group): the direct kernels of the
-// launchers, the shuffle in their index arithmetic. The rest, when there is
-// no shuffle to fuse, is torch's own convolution (Path below).
+// launchers, the shuffle in their index arithmetic; on CPU not for
+// channels_last input that torch's convolution can take. The rest, when
+// there is no shuffle to fuse, is torch's own convolution (Path below).
 // Backward: grad_input = col2im(W^T dy) (same pieces, dy read through the
 // same strided views); grad_weight = sum over chunks of dy (Cout, nb L) .
 // col^T, accumulated in float32 (float64 for float64): im2col writes col
@@ -161,10 +162,12 @@ struct Path {
   bool direct = false, platform = false, own_dw = false;
 };
 
-Path path_of(const Geometry& g, at::ScalarType dtype, const Launchers& launch) {
+Path path_of(const Geometry& g, const at::Tensor& input, const Launchers& launch) {
   const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
+  const at::ScalarType dtype = input.scalar_type();
   Path p;
-  p.direct = launch.use_direct(g, dtype, alt);
+  p.direct = launch.use_direct(g, dtype, alt,
+                               kept_format(input) == at::MemoryFormat::ChannelsLast);
   p.platform = alt && !p.direct && g.N > 0 && g.Cout > 0;
   p.own_dw = p.platform && launch.own_dweight(g, dtype);
   return p;
@@ -250,7 +253,7 @@ at::Tensor forward(
     bias = bias.contiguous();
   }
   const at::MemoryFormat fmt = kept_format(input_);
-  const Path path = path_of(g, input_.scalar_type(), launch);
+  const Path path = path_of(g, input_, launch);
   if (path.platform) {
     return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
                            false, {0, 0}, g.groups).contiguous(fmt);
@@ -344,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   // what is left to the kernels here
   std::array<bool, 2> ours{mask[0], mask[1]};
   at::Tensor gx, gw;
-  const Path path = path_of(g, input_.scalar_type(), launch);
+  const Path path = path_of(g, input_, launch);
   if (path.platform && (mask[0] || mask[1])) {
     // torch's convolution_backward, except the weight gradients the launchers
     // keep (path.own_dw)
@@ -358,13 +361,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
     ours = {false, own_dw};
   }
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor weight = weight_.contiguous();
   if (!gx.defined()) {
-    gx = ours[0] ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+    gx = ours[0] ? at::empty(input_.sizes(), input_.options())
+                 : at::empty({0}, input_.options());
   }
   if (!gw.defined()) {
-    gw = ours[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+    gw = ours[1] ? at::empty(weight_.sizes(), weight_.options())
+                 : at::empty({0}, weight_.options());
   }
   // (OH, OW >= 1: geometry() checks the kernel fits; with Cin == 0, gx and gw
   // have no elements)
@@ -375,6 +378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (g.N == 0 || g.Cout == 0 || g.Cin == 0 || !(ours[0] || ours[1])) {
     return in_layout(gx, gw, gb, fmt);
   }
+  // the kernels' operands (copies only where the layout differs)
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor weight = weight_.contiguous();
   const at::Tensor dy = grad_out_.contiguous();
 
   if (path.direct) {

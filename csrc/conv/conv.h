@@ -72,13 +72,15 @@ struct Col2imParams {
 
 // Direct kernels (no im2col, no GEMM) for the convolutions whose groups
 // have few input channels: depthwise ones above all. The launcher set says
-// which it takes (use_direct, told the dtype and whether torch's own
-// convolution is the alternative, i.e. no shuffle and symmetric padding;
-// else it is im2col + GEMM): the CPU kernels take every depthwise
-// convolution and any other with a kernel larger than 1x1 whose groups have
-// at most 16 input channels (8 in float32/float64 when torch's convolution
-// is the alternative), the CUDA ones depthwise convolutions (one input
-// channel per group) with at most 8 outputs per group. Accumulation in the
+// which it takes (use_direct, told the dtype, whether torch's own
+// convolution is the alternative, i.e. no shuffle and symmetric padding,
+// else it is im2col + GEMM, and whether the input is channels_last): the
+// CPU kernels take every depthwise convolution and any other with a kernel
+// larger than 1x1 whose groups have at most 16 input channels (8 in
+// float32/float64 when torch's convolution is the alternative), except
+// channels_last input that torch's convolution can take; the CUDA ones
+// depthwise convolutions (one input channel per group) with at most 8
+// outputs per group. Accumulation in the
 // accumulate type; all tensors contiguous.
 //   forward:   out[n, pos(c), .] = bias[c] + sum over ci, (i, j) of
 //              w[c, ci, i, j] x[n, group(c) * cin_g + ci, ...]
@@ -95,7 +97,8 @@ struct DirectParams {
 struct Launchers {
   void (*im2col)(const Im2colParams&);
   void (*col2im)(const Col2imParams&);
-  bool (*use_direct)(const Geometry&, at::ScalarType dtype, bool torch_alternative);
+  bool (*use_direct)(const Geometry&, at::ScalarType dtype, bool torch_alternative,
+                     bool channels_last);
   // For a convolution given to torch's: whether its weight gradient is still
   // computed here (im2col + the accumulate-type GEMM).
   bool (*own_dweight)(const Geometry&, at::ScalarType dtype);

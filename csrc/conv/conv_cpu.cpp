@@ -611,7 +611,14 @@ void direct_dweight_cpu(const DirectParams& p) {
 // at 8: at 16 (ResNeXt-50 stage 3, RegNetX group width 16) oneDNN's float32
 // forward and grad_input took 0.85-0.90x the direct kernels' time and its
 // grad_weight 0.45-0.48x; in bfloat16 the direct forward was 1.3-2x faster.
-bool use_direct_cpu(const Geometry& g, at::ScalarType dtype, bool torch_alternative) {
+// The direct kernels compute NCHW: channels_last input goes to torch's
+// convolution where it can, which takes it as it is. Through the direct
+// kernels (a copy to contiguous and back around each pass), MobileNetV2's
+// depthwise layers took 3-10x oneDNN's channels_last time in every pass
+// (batch 32, float32 and bfloat16; 0.8-1.2x in bfloat16 grad_weight).
+bool use_direct_cpu(const Geometry& g, at::ScalarType dtype, bool torch_alternative,
+                    bool channels_last) {
+  if (torch_alternative && channels_last) return false;
   if (g.cin_g() == 1) return true;
   const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
   return g.kk() > 1 && g.cin_g() <= (torch_alternative && !low ? 8 : 16);

@@ -243,7 +243,7 @@ void dw_dweight_cuda(const DirectParams& p) {
 }
 
 // depthwise, at most 8 outputs per group (the kernels' per-thread loops)
-bool use_direct_cuda(const Geometry& g, at::ScalarType, bool) {
+bool use_direct_cuda(const Geometry& g, at::ScalarType, bool, bool) {
   return g.groups > 1 && g.cin_g() == 1 && g.cout_g() <= 8;
 }
 
