@@ -177,12 +177,12 @@ struct ColumnSplit {
 
 // The plane `src` (H x W, in T) into `buf` (shape s, zeroed first), its
 // element (h, w) at padded position (h + top, w + left); cs = ColumnSplit(s,
-// W, left). Each row is converted to the accumulate type in `row` and then
-// dealt to its column phases: two vectors at a time at stride 2
-// (deinterleave2), element by element at larger strides. (Per plane this
-// used to cost a few integer divisions per row and a scalar strided copy:
-// the fill alone took 2-5 ns per output of a stride-2 depthwise layer, the
-// multiply-adds 0.6-1.4.)
+// W, left). Each row is dealt to its column phases: at stride 1 converted
+// in place, at stride 2 loaded and converted two vectors at a time and split
+// in registers (deinterleave2), at larger strides converted into `row` and
+// copied element by element. (Per plane this used to cost a few integer
+// divisions per row and a scalar strided copy: the fill alone took 2-5 ns
+// per output of a stride-2 depthwise layer, the multiply-adds 0.6-1.4.)
 template <typename T>
 void fill_plane(const T* src, int64_t H, int64_t W, int64_t top, int64_t left,
                 const PlaneShape& s, const ColumnSplit& cs, at::opmath_type<T>* buf,
@@ -202,21 +202,21 @@ void fill_plane(const T* src, int64_t H, int64_t W, int64_t top, int64_t left,
       load_row(src + h * W, dst + left, W);
       continue;
     }
-    load_row(src + h * W, row, W);
     if (s.sw == 2) {  // masked loads and stores at the row's end
       A* d0 = dst + cs.off[0];
       A* d1 = dst + cs.off[1];
       for (int64_t m = 0; 2 * m < W; m += V) {
-        const int64_t c = W - 2 * m;
-        const AVec lo = AVec::loadu(row + 2 * m, static_cast<int>(std::min(c, V)));
-        const AVec hi = c > V ? AVec::loadu(row + 2 * m + V, static_cast<int>(std::min(c - V, V)))
-                              : AVec(A(0));
+        // straight from src: through `row`, each load waited for the masked
+        // store before it (no store forwarding), 34% of this function's time
+        AVec lo, hi;
+        cpu::VecIO<T>::load(src + h * W + 2 * m, std::min(W - 2 * m, 2 * V), lo, hi);
         const auto [even, odd] = at::vec::deinterleave2(lo, hi);
         even.store(d0 + m, static_cast<int>(std::min(cs.cnt[0] - m, V)));
         if (cs.cnt[1] > m) odd.store(d1 + m, static_cast<int>(std::min(cs.cnt[1] - m, V)));
       }
       continue;
     }
+    load_row(src + h * W, row, W);
     for (int64_t u = 0; u < s.sw; ++u) {
       A* d = dst + cs.off[u];
       const A* r = row + u;
