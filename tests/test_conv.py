@@ -62,6 +62,11 @@ CASES = [
     (2, 6, 9, 10, 6, (3, 2), (1, 2), 1, (2, 3), 6, 1),
     (1, 8, 13, 12, 8, 3, (3, 2), 2, 2, 2, 1),
     (1, 3, 5, 70, 3, 3, 2, 1, 1, 3, 1),
+    # grad_input is computed per stride phase of the input: a stride larger
+    # than the kernel (phases no tap reaches) and padding wider than the
+    # kernel's reach
+    (1, 4, 10, 11, 4, 2, 3, 0, 1, 4, 1),
+    (1, 3, 6, 7, 3, 3, 2, 3, 1, 3, 1),
     # asymmetric "same" (even kernel, odd total padding) and "valid"
     (2, 6, 7, 8, 9, (2, 4), 1, "same", 1, 3, 3),
     (2, 4, 7, 8, 4, 4, 1, "same", (1, 3), 4, 1),

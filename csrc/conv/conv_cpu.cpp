@@ -266,6 +266,19 @@ TF_ALWAYS_INLINE void block_run(const A* planes, int64_t psize, int64_t nin, con
 
 constexpr int64_t kBlock = 4;  // output planes per block_run pass
 
+// block_run with R = rcount (1 to kBlock) fixed at compile time
+template <typename A>
+TF_ALWAYS_INLINE void block_run_n(int64_t rcount, const A* planes, int64_t psize, int64_t nin,
+                                  const int64_t* toff, int64_t kk, const A* wblk,
+                                  const A* init, int64_t E, A* obuf) {
+  switch (rcount) {
+    case 1: block_run<1>(planes, psize, nin, toff, kk, wblk, init, E, obuf); return;
+    case 2: block_run<2>(planes, psize, nin, toff, kk, wblk, init, E, obuf); return;
+    case 3: block_run<3>(planes, psize, nin, toff, kk, wblk, init, E, obuf); return;
+    default: block_run<4>(planes, psize, nin, toff, kk, wblk, init, E, obuf);
+  }
+}
+
 // The kFlat run of R (1 to kBlock) output planes (e < E = rows * rs) through
 // obuf (plane r at r * E), then each plane's rows (their first OWn columns)
 // stored to out(r), an (rows, OWn) plane of T.
@@ -275,12 +288,7 @@ TF_ALWAYS_INLINE void flat_block(int64_t R, const A* planes, int64_t psize, int6
                                  const A* init, int64_t rows, int64_t OWn, A* obuf,
                                  const Out& out) {
   const int64_t E = rows * rs;
-  switch (R) {  // R fixed at compile time
-    case 1: block_run<1>(planes, psize, nin, toff, kk, wblk, init, E, obuf); break;
-    case 2: block_run<2>(planes, psize, nin, toff, kk, wblk, init, E, obuf); break;
-    case 3: block_run<3>(planes, psize, nin, toff, kk, wblk, init, E, obuf); break;
-    default: block_run<4>(planes, psize, nin, toff, kk, wblk, init, E, obuf);
-  }
+  block_run_n(R, planes, psize, nin, toff, kk, wblk, init, E, obuf);
   for (int64_t r = 0; r < R; ++r) {
     T* o = out(r);
     for (int64_t h = 0; h < rows; ++h) store_row<T>(obuf + r * E + h * rs, o + h * OWn, OWn);
@@ -340,15 +348,93 @@ void direct_forward_kernel(const DirectParams& p) {
   });
 }
 
-// grad_input as a stride-1 correlation with the flipped kernel: dy[oh, ow]
-// placed (zeros between, for stride > 1) at padded position
-// (oh*sh + (KH-1)*dh - pt, ow*sw + (KW-1)*dw - pl) of an (H + (KH-1)*dh) x
-// (W + (KW-1)*dw) plane; dx[h, w] = sum over the group's outputs co and taps
-// of w[co, ci, KH-1-i, KW-1-j] * plane_co[h + i*dh, w + j*dw]. One task per
-// (sample, group, block of up to kBlock input channels).
+// grad_input, split by output phase (sub-pixel): with the flipped kernel
+// wf[i, j] = w[KH-1-i, KW-1-j], dx[h, w] = sum over the group's outputs and
+// the taps (i, j) for which dy[oh, ow] exists with oh*sh = h + i*dh - top,
+// ow*sw = w + j*dw - left (top = (KH-1)*dh - pt, left = (KW-1)*dw - pl) of
+// wf[i, j] * dy[oh, ow]. For dx's rows h = y*sh + a and columns
+// w = x*sw + b, tap (i, j) contributes only if (a + i*dh - top) and
+// (b + j*dw - left) divide by the strides, at dy[y + qi, x + qj] (qi, qj
+// their quotients): each of the sh*sw phases (a, b) of dx is a stride-1
+// correlation of the compact dy plane with its own taps, computed as one
+// flat run (kFlat) over a copy of dy padded by PT rows and PL columns. At
+// stride 1 that is the whole plane and every tap; at stride 2 each phase has
+// about a quarter of the taps, where a correlation of the zero-stuffed dy
+// (the previous kernel) multiplied three zeros for every product that
+// counted. One task per (sample, group, block of up to kBlock input
+// channels).
+struct DinputPhases {
+  struct Phase {
+    int64_t a = 0, b = 0, rows = 0, cols = 0, E = 0, t0 = 0, kk = 0, obuf = 0;
+  };
+  std::vector<Phase> ph;         // index a * sw + b
+  std::vector<int64_t> tap, toff;  // per phase from t0: flipped tap i * KW + j, its offset
+  int64_t PT = 0, PL = 0, rows = 0, rs = 0, psize = 0, ebuf = 0;
+
+  // tap quotient (num / s, exact) along one dimension, or false
+  static bool quot(int64_t num, int64_t s, int64_t& q) {
+    if (((num % s) + s) % s != 0) return false;
+    q = num / s;
+    return true;
+  }
+
+  // the smallest and largest quotient over phases [0, s) and taps [0, K)
+  static void quot_range(int64_t K, int64_t d, int64_t s, int64_t off, int64_t& lo,
+                         int64_t& hi) {
+    bool any = false;
+    for (int64_t a = 0; a < s; ++a) {
+      for (int64_t i = 0; i < K; ++i) {
+        int64_t q;
+        if (!quot(a + i * d - off, s, q)) continue;
+        lo = any ? std::min(lo, q) : q;
+        hi = any ? std::max(hi, q) : q;
+        any = true;
+      }
+    }
+  }
+
+  explicit DinputPhases(const Geometry& g) : ph(g.sh * g.sw) {
+    const int64_t top = (g.KH - 1) * g.dh - g.pt, left = (g.KW - 1) * g.dw - g.pl;
+    int64_t qi_min = 0, qi_max = 0, qj_min = 0, qj_max = 0;
+    quot_range(g.KH, g.dh, g.sh, top, qi_min, qi_max);
+    quot_range(g.KW, g.dw, g.sw, left, qj_min, qj_max);
+    const int64_t HA = (g.H + g.sh - 1) / g.sh, WB = (g.W + g.sw - 1) / g.sw;
+    PT = std::max<int64_t>(0, -qi_min);
+    PL = std::max<int64_t>(0, -qj_min);
+    rows = PT + std::max(g.OH, HA + qi_max);
+    rs = PL + std::max(g.OW, WB + qj_max);
+    psize = rows * rs + rs;  // a row of slack: the runs read past the last row
+    for (int64_t a = 0; a < g.sh; ++a) {
+      for (int64_t b = 0; b < g.sw; ++b) {
+        Phase& p = ph[a * g.sw + b];
+        p.a = a;
+        p.b = b;
+        p.rows = g.H > a ? (g.H - a + g.sh - 1) / g.sh : 0;
+        p.cols = g.W > b ? (g.W - b + g.sw - 1) / g.sw : 0;
+        p.E = p.rows * rs;
+        p.t0 = static_cast<int64_t>(tap.size());
+        p.obuf = ebuf;
+        ebuf += p.E;
+        for (int64_t i = 0; i < g.KH; ++i) {
+          int64_t qi, qj;
+          if (!quot(a + i * g.dh - top, g.sh, qi)) continue;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            if (!quot(b + j * g.dw - left, g.sw, qj)) continue;
+            tap.push_back(i * g.KW + j);
+            toff.push_back((qi + PT) * rs + qj + PL);
+          }
+        }
+        p.kk = static_cast<int64_t>(tap.size()) - p.t0;
+      }
+    }
+  }
+};
+
 template <typename T>
 void direct_dinput_kernel(const DirectParams& p) {
   using A = at::opmath_type<T>;
+  using AVec = at::vec::Vectorized<A>;
+  constexpr int64_t V = AVec::size();
   const Geometry& g = p.g;
   const T* dy = p.dy.const_data_ptr<T>();
   const T* w = p.w.const_data_ptr<T>();
@@ -356,48 +442,87 @@ void direct_dinput_kernel(const DirectParams& p) {
   const int64_t cin_g = g.cin_g(), cout_g = g.cout_g(), kk = g.kk();
   const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW;
   const int64_t nblk = (cin_g + kBlock - 1) / kBlock;
-  const int64_t top = (g.KH - 1) * g.dh - g.pt, left = (g.KW - 1) * g.dw - g.pl;
-  const PlaneShape s(H + (g.KH - 1) * g.dh, W + (g.KW - 1) * g.dw, 1, 1);
-  const std::vector<int64_t> toff = tap_offsets(g, s);
-  // output columns whose position ow*sw + left lies in the plane
-  int64_t lo, hi;
-  valid_range(left, g.sw, s.wph, OW, lo, hi);
-  const int64_t psize = s.size() + s.wph, E = H * s.wph;  // computed flat (kFlat)
+  const DinputPhases dp(g);
+  const int64_t rs = dp.rs, psize = dp.psize;
+  // task t's planes (blocks of consecutive tasks of one sample and group)
+  const auto task = [&](int64_t t, int64_t& blk, int64_t& gi, int64_t& n, int64_t& i0,
+                        int64_t& R) TF_INLINE_LAMBDA {
+    blk = t % nblk;
+    gi = (t / nblk) % g.groups;
+    n = t / nblk / g.groups;
+    i0 = blk * kBlock;
+    R = std::min(kBlock, cin_g - i0);
+  };
   at::parallel_for(0, g.N * g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> planes(cout_g * psize), row(OW), wblk(cout_g * kk * kBlock),
-        init(kBlock, A(0)), obuf(kBlock * E);
+    std::vector<A> planes(cout_g * psize), wblk(cout_g * kk * kBlock), init(kBlock, A(0)),
+        obuf(kBlock * dp.ebuf);
+    // task t's rows, from its results at ob, into dx
+    const auto store = [&](int64_t t, const A* ob) TF_INLINE_LAMBDA {
+      int64_t blk, gi, n, i0, R;
+      task(t, blk, gi, n, i0, R);
+      // phase (a, b) of plane r: ob + R * phase.obuf + r * phase.E, rows rs apart
+      const auto phase_row = [&](int64_t a, int64_t b, int64_t r, int64_t y) TF_INLINE_LAMBDA {
+        const auto& ph = dp.ph[a * g.sw + b];
+        return ob + R * ph.obuf + r * ph.E + y * rs;
+      };
+      for (int64_t r = 0; r < R; ++r) {
+        T* d = dx + (n * g.Cin + gi * cin_g + i0 + r) * H * W;
+        for (int64_t h = 0, a = 0, y = 0; h < H; ++h, a = a + 1 == g.sh ? 0 : a + 1,
+                     y += a == 0) {  // row h = y * sh + a
+          T* drow = d + h * W;
+          if (g.sw == 1) {
+            store_row<T>(phase_row(a, 0, r, y), drow, W);
+          } else if (g.sw == 2) {  // the two column phases interleaved
+            const A* ev = phase_row(a, 0, r, y);
+            const A* od = phase_row(a, 1, r, y);
+            const int64_t c0 = dp.ph[a * 2].cols, c1 = dp.ph[a * 2 + 1].cols;
+            for (int64_t x = 0; 2 * x < W; x += V) {
+              const auto [lo, hi] = at::vec::interleave2(
+                  AVec::loadu(ev + x, static_cast<int>(std::min(c0 - x, V))),
+                  AVec::loadu(od + x, static_cast<int>(std::max<int64_t>(0, std::min(c1 - x, V)))));
+              cpu::VecIO<T>::store(drow + 2 * x, lo, hi, std::min(W - 2 * x, 2 * V));
+            }
+          } else {
+            for (int64_t b = 0; b < g.sw; ++b) {
+              const A* src = phase_row(a, b, r, y);
+              for (int64_t x = 0; x * g.sw + b < W; ++x) drow[x * g.sw + b] = static_cast<T>(src[x]);
+            }
+          }
+        }
+      }
+    };
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
+      int64_t blk, gi, n, i0, R;
+      task(t, blk, gi, n, i0, R);
       // the blocks of one (sample, group) are consecutive tasks: fill once
       for (int64_t co = 0; co < cout_g && (t == begin || blk == 0); ++co) {
         const T* dyc = dy + (n * g.Cout + g.pos(gi * cout_g + co)) * OH * OW;
         A* buf = planes.data() + co * psize;
-        std::fill(buf, buf + s.size(), A(0));
+        std::fill(buf, buf + psize, A(0));
         for (int64_t oh = 0; oh < OH; ++oh) {
-          const int64_t r = oh * g.sh + top;
-          if (r < 0 || r >= s.hph || lo >= hi) continue;
-          A* dst = buf + r * s.wph + left;
-          if (g.sw == 1) {
-            load_row(dyc + oh * OW + lo, dst + lo, hi - lo);
-          } else {
-            load_row(dyc + oh * OW, row.data(), OW);
-            for (int64_t ow = lo; ow < hi; ++ow) dst[ow * g.sw] = row[ow];
+          load_row(dyc + oh * OW, buf + (oh + dp.PT) * rs + dp.PL, OW);
+        }
+      }
+      // per phase, [(co * phase kk + tap) * R + r] from cout_g * t0 * R on
+      for (const auto& ph : dp.ph) {
+        A* wp = wblk.data() + cout_g * ph.t0 * R;
+        for (int64_t co = 0; co < cout_g; ++co) {
+          const T* wc = w + (gi * cout_g + co) * cin_g * kk;
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t k = 0; k < ph.kk; ++k) {
+              wp[(co * ph.kk + k) * R + r] =
+                  static_cast<A>(wc[(i0 + r) * kk + kk - 1 - dp.tap[ph.t0 + k]]);
+            }
           }
         }
       }
-      const int64_t i0 = blk * kBlock, R = std::min(kBlock, cin_g - i0);
-      for (int64_t co = 0; co < cout_g; ++co) {
-        const T* wc = w + (gi * cout_g + co) * cin_g * kk;
-        for (int64_t r = 0; r < R; ++r) {
-          for (int64_t e = 0; e < kk; ++e) {
-            wblk[(co * kk + e) * R + r] = static_cast<A>(wc[(i0 + r) * kk + kk - 1 - e]);
-          }
-        }
+      for (const auto& ph : dp.ph) {
+        if (ph.E == 0) continue;
+        block_run_n(R, planes.data(), psize, cout_g, dp.toff.data() + ph.t0, ph.kk,
+                    wblk.data() + cout_g * ph.t0 * R, init.data(), ph.E,
+                    obuf.data() + R * ph.obuf);
       }
-      T* d = dx + (n * g.Cin + gi * cin_g + i0) * H * W;
-      flat_block<T>(R, planes.data(), psize, cout_g, s.wph, toff.data(), kk, wblk.data(),
-                    init.data(), H, W, obuf.data(),
-                    [&](int64_t r) TF_INLINE_LAMBDA { return d + r * H * W; });
+      store(t, obuf.data());
     }
   });
 }
