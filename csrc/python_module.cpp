@@ -5,7 +5,7 @@
 //
 // The module also has direct entries for the ops whose cost on small tensors
 // is the call path rather than the kernel: channel_shuffle, cat_shuffle,
-// group_norm and l2_norm.
+// group_norm, l2_norm and conv2d.
 // A call through torch.ops binds the Python arguments against the schema and
 // runs the op boxed; torchfuse.functional's own checks and routing add more,
 // and a gradient recorded through a Python autograd.Function more again
@@ -37,6 +37,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <array>
 #include <functional>
 #include <optional>
 #include <unordered_map>
@@ -476,6 +477,128 @@ PyObject* l2_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---------------------------------------------------------------- conv2d
+using IntList = std::vector<int64_t>;
+using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, at::IntArrayRef,
+                           at::IntArrayRef, at::IntArrayRef, int64_t, int64_t);
+using ConvBackwardSig = Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                int64_t, std::array<bool, 3>);
+
+const Op<ConvSig>& conv_op() {
+  static const Op<ConvSig> op("torchfuse::conv2d");
+  return op;
+}
+
+const Op<ConvBackwardSig>& conv_backward_op() {
+  static const Op<ConvBackwardSig> op("torchfuse::conv2d_backward");
+  return op;
+}
+
+PyObject* int_list(const IntList& v) {
+  PyObject* l = PyList_New(static_cast<Py_ssize_t>(v.size()));
+  for (size_t i = 0; l != nullptr && i < v.size(); ++i) {
+    PyList_SET_ITEM(l, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(v[i]));
+  }
+  return l;
+}
+
+struct ConvFn : public torch::autograd::Function<ConvFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& weight, const Opt& bias, const IntList& stride,
+                            const IntList& padding, const IntList& dilation, int64_t groups,
+                            int64_t shuffle) {
+    at::Tensor out = call_op(conv_op(), true, input, weight, bias, at::IntArrayRef(stride),
+                             at::IntArrayRef(padding), at::IntArrayRef(dilation), groups,
+                             shuffle);
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["shuffle"] = shuffle;
+    ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), weight.requires_grad(),
+                                                bias && bias->requires_grad()};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    const IntList stride = ctx->saved_data["stride"].toIntVector();
+    const IntList padding = ctx->saved_data["padding"].toIntVector();
+    const IntList dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const int64_t shuffle = ctx->saved_data["shuffle"].toInt();
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    const std::array<bool, 3> mask{need[0], need[1], need[2]};
+    variable_list out(8);  // one per forward argument
+    if (!(mask[0] || mask[1] || mask[2]) || !grads[0].defined()) return out;
+    Tensor3 g;
+    if (c10::GradMode::is_enabled()) {  // create_graph: stay differentiable
+      const auto r = python_backward(
+          "conv2d",
+          [&] {
+            return PyArgs{wrap_or_none(grads[0]), wrap_or_none(x), wrap_or_none(w),
+                          int_list(stride), int_list(padding), int_list(dilation),
+                          PyLong_FromLongLong(groups), PyLong_FromLongLong(shuffle),
+                          PyTuple_Pack(3, mask[0] ? Py_True : Py_False,
+                                       mask[1] ? Py_True : Py_False,
+                                       mask[2] ? Py_True : Py_False)};
+          },
+          3);
+      g = {r[0], r[1], r[2]};
+    } else {
+      g = call_op(conv_backward_op(), true, grads[0], x, w, at::IntArrayRef(stride),
+                  at::IntArrayRef(padding), at::IntArrayRef(dilation), groups, shuffle, mask);
+    }
+    if (mask[0]) out[0] = std::get<0>(g);
+    if (mask[1]) out[1] = std::get<1>(g);
+    if (mask[2]) out[2] = std::get<2>(g);
+    return out;
+  }
+};
+
+// A Python list of plain ints, or false.
+bool plain_int_list(PyObject* obj, IntList& out) {
+  if (!PyList_CheckExact(obj)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(obj);
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const std::optional<int64_t> v = plain_int(PyList_GET_ITEM(obj, i));
+    if (!v) return false;
+    out[static_cast<size_t>(i)] = *v;
+  }
+  return true;
+}
+
+// conv2d(input, weight, bias, stride, padding, dilation, groups,
+// shuffle_groups) -> out or None, as torchfuse.functional.conv2d calls it
+// after its own argument handling (stride, padding and dilation as lists of
+// ints). Declined: anything but a floating 4-D input, a plain weight, bias
+// None or a plain tensor, plain int lists and ints (the op checks the rest,
+// as on the usual path).
+PyObject* conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8) Py_RETURN_NONE;
+  const at::Tensor* input = plain_tensor(args[0]);
+  const at::Tensor* weight = plain_tensor(args[1]);
+  Opt bias;
+  IntList stride, padding, dilation;
+  const std::optional<int64_t> groups = plain_int(args[6]);
+  const std::optional<int64_t> shuffle = plain_int(args[7]);
+  if (input == nullptr || weight == nullptr || !optional_tensor(args[2], bias) ||
+      !plain_int_list(args[3], stride) || !plain_int_list(args[4], padding) ||
+      !plain_int_list(args[5], dilation) || !groups || !shuffle ||
+      !conv_op().has_kernel(*input) || !is_float_type(*input) || input->dim() != 4) {
+    Py_RETURN_NONE;
+  }
+  const bool grad = needs_grad(*input) || needs_grad(*weight) || (bias && needs_grad(*bias));
+  return run_entry<ConvFn>(conv_op(), grad, *input, *weight, bias, stride, padding, dilation,
+                           *groups, *shuffle);
+  END_HANDLE_TH_ERRORS
+}
+
 // _set_double_backward(name, fn)
 PyObject* set_double_backward(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -506,6 +629,10 @@ PyMethodDef methods[] = {
     {"l2_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(l2_norm)),
      METH_FASTCALL,
      "l2_norm(input, weight, dim, eps): the op's output, or None (see csrc/python_module.cpp)"},
+    {"conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv2d)),
+     METH_FASTCALL,
+     "conv2d(input, weight, bias, stride, padding, dilation, groups, shuffle_groups): the op's "
+     "output, or None (see csrc/python_module.cpp)"},
     {"_set_double_backward", set_double_backward, METH_VARARGS,
      "_set_double_backward(op name, fn): the differentiable backward the op's C++ autograd "
      "node calls under create_graph"},

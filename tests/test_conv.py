@@ -17,7 +17,16 @@ import torchfuse
 from torchfuse import functional as F
 from torchfuse import reference as R
 
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, assert_raises_like_torch, leaf, randn
+from conftest import (
+    CUDA_EMU,
+    DTYPES,
+    HAS_CUDA,
+    assert_close_to_ref,
+    assert_raises_like_torch,
+    direct_vs_python_path,
+    leaf,
+    randn,
+)
 
 # (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, shuffle)
 # The CPU kernels compute groups of at most 16 input channels (8 in float32
@@ -184,8 +193,12 @@ def test_conv2d_platform_path_is_torchs(device, case, layout):
     ours = _run(lambda *t: F.conv2d(*t, **args), (x, w, b), go)
     lt = [leaf(t) for t in (x, w, b)]
     theirs = _run(lambda *t: _torch_conv(*t, **args), lt, go)
+    # the CUDA kernels (and their emulator, on CPU tensors) keep depthwise
+    # convolutions in any layout
+    ours_cuda = device == "cuda" or CUDA_EMU
+    platform = not (ours_cuda and case[9] == case[1])
     for o, t, name in zip(ours[:3], theirs[:3], ("out", "grad_input", "grad_weight")):
-        if device == "cpu":
+        if device == "cpu" and platform:
             assert torch.equal(o, t), name
         else:
             torch.testing.assert_close(o, t)
@@ -291,6 +304,71 @@ def test_conv2d_nonfinite_input_like_torch(device, case):
     for name, o, e in zip(("out", "grad_input", "grad_weight", "grad_bias"), got, expected):
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4, equal_nan=True, msg=name)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+# ------------------------------------------------------- direct entry (_C)
+_DIRECT_CONV = torchfuse._ops.DIRECT.get("conv2d")
+needs_direct = pytest.mark.skipif(_DIRECT_CONV is None, reason="extension without direct entries")
+
+
+@needs_direct
+@pytest.mark.parametrize("which", ["all", "x", "w", "x-nobias", "b"])
+@pytest.mark.parametrize("case", [DEPTHWISE_S2, IM2COL, PLATFORM], ids=["direct", "im2col",
+                                                                        "platform"])
+def test_direct_entry_matches_python_path(device, which, case, monkeypatch):
+    """The direct entry (C++ autograd node) gives exactly what the op through
+    the Python autograd Function gives, forward, gradients and second order
+    (through the differentiable Python formula)."""
+    import torchfuse.functional as functional
+
+    x, w, b = (t.detach() for t in _tensors(case, torch.float64, device))
+    need = {"all": (1, 1, 1), "x": (1, 0, 0), "w": (0, 1, 0), "x-nobias": (1, 0, 0),
+            "b": (0, 0, 1)}[which]
+    if which == "x-nobias":
+        b = None
+    args = _args(case)
+    g = randn(*F.conv2d(x, w, b, **args).shape, dtype=torch.float64, device=device)
+
+    def run():
+        leaves = [t.clone().requires_grad_(bool(n)) if t is not None else None
+                  for t, n in zip((x, w, b), need)]
+        out = F.conv2d(*leaves, **args)
+        return out, [t for t in leaves if t is not None and t.requires_grad], g
+
+    direct_vs_python_path(
+        run, "ConvFn", lambda: monkeypatch.setattr(functional, "_direct_conv2d", None))
+
+
+@needs_direct
+def test_direct_entry_declines_the_rest(device):
+    x = randn(2, 4, 6, 6, device=device)
+    w = randn(4, 2, 3, 3, device=device)
+
+    class Sub(torch.Tensor):
+        pass
+
+    ok = (x, w, None, [1, 1], [1, 1], [1, 1], 2, 1)
+    declined = [
+        (x, w, None, (1, 1), [1, 1], [1, 1], 2, 1),  # tuples: the usual path's
+        (x, w, None, [1, 1], [1, 1], [1, 1], 2.0, 1),
+        (x, w, None, [1, 1], [1, 1.0], [1, 1], 2, 1),
+        (x, w, None, [1, 1], [1, 1], [1, 1], 2, True),
+        (x, w, "b", [1, 1], [1, 1], [1, 1], 2, 1),
+        (x.as_subclass(Sub), w, None, [1, 1], [1, 1], [1, 1], 2, 1),
+        (x, w.as_subclass(Sub), None, [1, 1], [1, 1], [1, 1], 2, 1),
+        (x.to(torch.int64), w, None, [1, 1], [1, 1], [1, 1], 2, 1),
+        (x.to("meta"), w.to("meta"), None, [1, 1], [1, 1], [1, 1], 2, 1),
+        (x[0], w, None, [1, 1], [1, 1], [1, 1], 2, 1),  # unbatched: F unsqueezes first
+        ok[:7],
+    ]
+    for i, args in enumerate(declined):
+        assert _DIRECT_CONV(*args) is None, i
+    assert torch.equal(_DIRECT_CONV(*ok), F.conv2d(x, w, None, 1, 1, 1, 2))
+    # the op's own checks on the plain case: the usual errors
+    with pytest.raises(RuntimeError, match="groups"):
+        _DIRECT_CONV(x, w, None, [1, 1], [1, 1], [1, 1], 3, 1)
+    with pytest.raises(RuntimeError, match="shuffle_groups"):
+        _DIRECT_CONV(x, w, None, [1, 1], [1, 1], [1, 1], 2, 3)
 
 
 # -------------------------------------------------------------------- autograd

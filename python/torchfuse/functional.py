@@ -28,6 +28,7 @@ _direct_channel_shuffle = DIRECT.get("channel_shuffle")
 _direct_cat_shuffle = DIRECT.get("cat_shuffle")
 _direct_group_norm = DIRECT.get("group_norm")
 _direct_l2_norm = DIRECT.get("l2_norm")
+_direct_conv2d = DIRECT.get("conv2d")
 
 
 __all__ = [
@@ -260,7 +261,12 @@ def conv2d(
     input, weight, bias = _autocast(input, weight, bias)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    out = call("conv2d", x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
+    out = None
+    if _direct_conv2d is not None and not torch.compiler.is_compiling():
+        # None unless the plain case (see _ops.DIRECT)
+        out = _direct_conv2d(x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
+    if out is None:
+        out = call("conv2d", x, weight, bias, stride_, pad, dilation_, groups, shuffle_groups)
     return out.squeeze(0) if unbatched else out
 
 

@@ -169,7 +169,7 @@ def register_autograd(name: str, backward, setup_context) -> None:
 # (the compiler cannot trace it).
 DIRECT: dict[str, object] = {
     name: getattr(_C, name)
-    for name in ("channel_shuffle", "cat_shuffle", "group_norm", "l2_norm")
+    for name in ("channel_shuffle", "cat_shuffle", "group_norm", "l2_norm", "conv2d")
     if hasattr(_C, name)
 }
 

@@ -62,6 +62,11 @@ def conv_backward_formula(dy, x, w, stride, padding, dilation, groups, shuffle, 
 
 
 if op_defined("conv2d"):
+    from . import _C
+
+    if hasattr(_C, "_set_double_backward"):
+        # the direct entry's C++ autograd node calls it under create_graph
+        _C._set_double_backward("conv2d", conv_backward_formula)
 
     @torch.library.register_fake("torchfuse::conv2d")
     def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, shuffle_groups):
