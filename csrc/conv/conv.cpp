@@ -162,12 +162,12 @@ struct Path {
   bool direct = false, platform = false, own_dw = false;
 };
 
-Path path_of(const Geometry& g, const at::Tensor& input, const Launchers& launch) {
+// fmt: the input's kept_format.
+Path path_of(const Geometry& g, at::ScalarType dtype, at::MemoryFormat fmt,
+             const Launchers& launch) {
   const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
-  const at::ScalarType dtype = input.scalar_type();
   Path p;
-  p.direct = launch.use_direct(g, dtype, alt,
-                               kept_format(input) == at::MemoryFormat::ChannelsLast);
+  p.direct = launch.use_direct(g, dtype, alt, fmt == at::MemoryFormat::ChannelsLast);
   p.platform = alt && !p.direct && g.N > 0 && g.Cout > 0;
   p.own_dw = p.platform && launch.own_dweight(g, dtype);
   return p;
@@ -253,7 +253,7 @@ at::Tensor forward(
     bias = bias.contiguous();
   }
   const at::MemoryFormat fmt = kept_format(input_);
-  const Path path = path_of(g, input_, launch);
+  const Path path = path_of(g, input_.scalar_type(), fmt, launch);
   if (path.platform) {
     return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
                            false, {0, 0}, g.groups).contiguous(fmt);
@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   // what is left to the kernels here
   std::array<bool, 2> ours{mask[0], mask[1]};
   at::Tensor gx, gw;
-  const Path path = path_of(g, input_, launch);
+  const Path path = path_of(g, input_.scalar_type(), fmt, launch);
   if (path.platform && (mask[0] || mask[1])) {
     // torch's convolution_backward, except the weight gradients the launchers
     // keep (path.own_dw)

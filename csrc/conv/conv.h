@@ -80,8 +80,8 @@ struct Col2imParams {
 // float32/float64 when torch's convolution is the alternative), except
 // channels_last input that torch's convolution can take; the CUDA ones
 // depthwise convolutions (one input channel per group) with at most 8
-// outputs per group. Accumulation in the
-// accumulate type; all tensors contiguous.
+// outputs per group. Accumulation in the accumulate type; all tensors
+// contiguous.
 //   forward:   out[n, pos(c), .] = bias[c] + sum over ci, (i, j) of
 //              w[c, ci, i, j] x[n, group(c) * cin_g + ci, ...]
 //   dinput:    dx[n, ., h, w] = sum over the group's outputs c and (i, j) of

@@ -366,7 +366,7 @@ void direct_forward_kernel(const DirectParams& p) {
 // channels).
 struct DinputPhases {
   struct Phase {
-    int64_t a = 0, b = 0, rows = 0, cols = 0, E = 0, t0 = 0, kk = 0, obuf = 0;
+    int64_t rows = 0, cols = 0, E = 0, t0 = 0, kk = 0, obuf = 0;
   };
   std::vector<Phase> ph;         // index a * sw + b
   std::vector<int64_t> tap, toff;  // per phase from t0: flipped tap i * KW + j, its offset
@@ -408,8 +408,6 @@ struct DinputPhases {
     for (int64_t a = 0; a < g.sh; ++a) {
       for (int64_t b = 0; b < g.sw; ++b) {
         Phase& p = ph[a * g.sw + b];
-        p.a = a;
-        p.b = b;
         p.rows = g.H > a ? (g.H - a + g.sh - 1) / g.sh : 0;
         p.cols = g.W > b ? (g.W - b + g.sw - 1) / g.sw : 0;
         p.E = p.rows * rs;
@@ -445,56 +443,12 @@ void direct_dinput_kernel(const DirectParams& p) {
   const int64_t nblk = (cin_g + kBlock - 1) / kBlock;
   const DinputPhases dp(g);
   const int64_t rs = dp.rs, psize = dp.psize;
-  // task t's planes (blocks of consecutive tasks of one sample and group)
-  const auto task = [&](int64_t t, int64_t& blk, int64_t& gi, int64_t& n, int64_t& i0,
-                        int64_t& R) TF_INLINE_LAMBDA {
-    blk = t % nblk;
-    gi = (t / nblk) % g.groups;
-    n = t / nblk / g.groups;
-    i0 = blk * kBlock;
-    R = std::min(kBlock, cin_g - i0);
-  };
   at::parallel_for(0, g.N * g.groups * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> planes(cout_g * psize), wblk(cout_g * kk * kBlock), init(kBlock, A(0)),
         obuf(kBlock * dp.ebuf);
-    // task t's rows, from its results at ob, into dx
-    const auto store = [&](int64_t t, const A* ob) TF_INLINE_LAMBDA {
-      int64_t blk, gi, n, i0, R;
-      task(t, blk, gi, n, i0, R);
-      // phase (a, b) of plane r: ob + R * phase.obuf + r * phase.E, rows rs apart
-      const auto phase_row = [&](int64_t a, int64_t b, int64_t r, int64_t y) TF_INLINE_LAMBDA {
-        const auto& ph = dp.ph[a * g.sw + b];
-        return ob + R * ph.obuf + r * ph.E + y * rs;
-      };
-      for (int64_t r = 0; r < R; ++r) {
-        T* d = dx + (n * g.Cin + gi * cin_g + i0 + r) * H * W;
-        for (int64_t h = 0, a = 0, y = 0; h < H; ++h, a = a + 1 == g.sh ? 0 : a + 1,
-                     y += a == 0) {  // row h = y * sh + a
-          T* drow = d + h * W;
-          if (g.sw == 1) {
-            store_row<T>(phase_row(a, 0, r, y), drow, W);
-          } else if (g.sw == 2) {  // the two column phases interleaved
-            const A* ev = phase_row(a, 0, r, y);
-            const A* od = phase_row(a, 1, r, y);
-            const int64_t c0 = dp.ph[a * 2].cols, c1 = dp.ph[a * 2 + 1].cols;
-            for (int64_t x = 0; 2 * x < W; x += V) {
-              const auto [lo, hi] = at::vec::interleave2(
-                  AVec::loadu(ev + x, static_cast<int>(std::min(c0 - x, V))),
-                  AVec::loadu(od + x, static_cast<int>(std::max<int64_t>(0, std::min(c1 - x, V)))));
-              cpu::VecIO<T>::store(drow + 2 * x, lo, hi, std::min(W - 2 * x, 2 * V));
-            }
-          } else {
-            for (int64_t b = 0; b < g.sw; ++b) {
-              const A* src = phase_row(a, b, r, y);
-              for (int64_t x = 0; x * g.sw + b < W; ++x) drow[x * g.sw + b] = static_cast<T>(src[x]);
-            }
-          }
-        }
-      }
-    };
     for (int64_t t = begin; t < end; ++t) {
-      int64_t blk, gi, n, i0, R;
-      task(t, blk, gi, n, i0, R);
+      const int64_t blk = t % nblk, gi = (t / nblk) % g.groups, n = t / nblk / g.groups;
+      const int64_t i0 = blk * kBlock, R = std::min(kBlock, cin_g - i0);
       // the blocks of one (sample, group) are consecutive tasks: fill once
       for (int64_t co = 0; co < cout_g && (t == begin || blk == 0); ++co) {
         const T* dyc = dy + (n * g.Cout + g.pos(gi * cout_g + co)) * OH * OW;
@@ -523,7 +477,36 @@ void direct_dinput_kernel(const DirectParams& p) {
                     wblk.data() + cout_g * ph.t0 * R, init.data(), ph.E,
                     obuf.data() + R * ph.obuf);
       }
-      store(t, obuf.data());
+      // phase (a, b) of plane r: obuf + R * phase.obuf + r * phase.E, rows rs apart
+      const auto phase_row = [&](int64_t a, int64_t b, int64_t r, int64_t y) TF_INLINE_LAMBDA {
+        const auto& ph = dp.ph[a * g.sw + b];
+        return obuf.data() + R * ph.obuf + r * ph.E + y * rs;
+      };
+      for (int64_t r = 0; r < R; ++r) {
+        T* d = dx + (n * g.Cin + gi * cin_g + i0 + r) * H * W;
+        for (int64_t h = 0, a = 0, y = 0; h < H; ++h, a = a + 1 == g.sh ? 0 : a + 1,
+                     y += a == 0) {  // row h = y * sh + a
+          T* drow = d + h * W;
+          if (g.sw == 1) {
+            store_row<T>(phase_row(a, 0, r, y), drow, W);
+          } else if (g.sw == 2) {  // the two column phases interleaved
+            const A* ev = phase_row(a, 0, r, y);
+            const A* od = phase_row(a, 1, r, y);
+            const int64_t c0 = dp.ph[a * 2].cols, c1 = dp.ph[a * 2 + 1].cols;
+            for (int64_t x = 0; 2 * x < W; x += V) {
+              const auto [lo, hi] = at::vec::interleave2(
+                  AVec::loadu(ev + x, static_cast<int>(std::min(c0 - x, V))),
+                  AVec::loadu(od + x, static_cast<int>(std::max<int64_t>(0, std::min(c1 - x, V)))));
+              cpu::VecIO<T>::store(drow + 2 * x, lo, hi, std::min(W - 2 * x, 2 * V));
+            }
+          } else {
+            for (int64_t b = 0; b < g.sw; ++b) {
+              const A* src = phase_row(a, b, r, y);
+              for (int64_t x = 0; x * g.sw + b < W; ++x) drow[x * g.sw + b] = static_cast<T>(src[x]);
+            }
+          }
+        }
+      }
     }
   });
 }

@@ -222,8 +222,9 @@ def conv2d(
     torch's CPU convolution also takes, go to torch. Under autocast every
     operand is cast to the autocast dtype first, as torch's conv2d does. The
     output and grad_input are contiguous, or channels_last for channels_last
-    input (as torch's); torch's convolution takes that layout as it is, the
-    kernels here on a contiguous copy.
+    input (as torch's); on the CPU channels_last input without a shuffle (and
+    with symmetric padding) goes to torch's convolution, which takes that
+    layout as it is; the kernels here compute NCHW, on a contiguous copy.
     """
     check.tensor(input, "conv2d", "input")
     check.tensor(weight, "conv2d", "weight")
