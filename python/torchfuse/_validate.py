@@ -21,6 +21,10 @@ def tensor(value, fn: str, arg: str, optional: bool = False) -> None:
 
 
 def int_list(value, fn: str, arg: str) -> list[int]:
+    # the common case (a tuple or list of plain ints) without the ABC checks
+    # below, which cost microseconds a call
+    if type(value) in (tuple, list, torch.Size) and all(type(v) is int for v in value):
+        return list(value)
     ok = isinstance(value, (Sequence, torch.Size)) and not isinstance(value, (str, bytes))
     if ok:
         try:
@@ -39,7 +43,7 @@ def _as_int(v) -> int:
 
 
 def number(value, fn: str, arg: str, optional: bool = False) -> None:
-    if value is None and optional:
+    if type(value) is float or type(value) is int or (value is None and optional):
         return
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         kind = "float or None" if optional else "float"

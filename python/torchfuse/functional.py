@@ -162,10 +162,17 @@ def group_norm(
 
 
 
+# whether autocast is on for any device (a private helper of torch's; the
+# public per-device query below where it is missing)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast(*tensors: torch.Tensor | None) -> tuple:
     """The tensors cast to the autocast dtype of their device when autocast is
     enabled there, as torch's autocast casts the operands of the ops on its
     lower-precision list (conv2d, linear, matmul, bmm); None stays None."""
+    if not _any_autocast():  # one C call: the common case costs no more
+        return tensors
     first = tensors[0]
     dev = first.device.type
     if not first.is_floating_point() or dev not in ("cpu", "cuda") \
@@ -179,6 +186,11 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple:
 def _conv_pair(value, arg: str) -> list[int]:
     """stride / padding / dilation as torch's parser takes them: an int or a
     sequence of ints (its length checked by the op)."""
+    if type(value) is int:
+        return [value, value]
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int \
+            and type(value[1]) is int:  # a module's attribute
+        return [value[0], value[1]]
     if isinstance(value, bool) or not isinstance(value, (int, Sequence, torch.Size)) or \
             isinstance(value, (str, bytes)):
         raise TypeError(
