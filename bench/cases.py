@@ -168,6 +168,27 @@ def _eager_cat_shuffle(x0, x1):
     return TF.channel_shuffle(torch.cat([x0, x1], dim=1), 2)
 
 
+def _unit_inputs(N, C, HW, channels_last):
+    """ShuffleNetV2's stride-1 unit tail: x (the unit's input, whose first
+    half passes through) and y (the branch's output, C / 2 channels)."""
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return {k: torch.randn(N, c, HW, HW, generator=g).to(device, dtype)
+                .contiguous(memory_format=fmt).requires_grad_()
+                for k, c in (("x", C), ("y", C // 2))}
+
+    return make
+
+
+def _tf_unit_tail(x, y):
+    return F.cat_shuffle([x.chunk(2, dim=1)[0], y], 2)
+
+
+def _eager_unit_tail(x, y):
+    return TF.channel_shuffle(torch.cat([x.chunk(2, dim=1)[0], y], dim=1), 2)
+
+
 def channel_shuffle_cases() -> list[Case]:
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -192,6 +213,18 @@ def channel_shuffle_cases() -> list[Case]:
                         dtype=dtype, make_inputs=_shuffle_inputs(N, C, HW, 2, cl),
                         torchfuse=_tf_cat_shuffle, eager=_eager_cat_shuffle,
                         grad_inputs=("x0", "x1"), bytes_fwd=2 * nbytes, bytes_bwd=2 * nbytes,
+                        tags=dict(layout),
+                    ))
+            # the same with the first piece a chunk of the unit's input, as
+            # torchvision's ShuffleNetV2 passes it (a view, rows C apart)
+            for C, HW in SHUFFLE_V2:
+                for N in (1, 64):
+                    nbytes = N * C * HW * HW * _size(dtype)
+                    cases.append(Case(
+                        op="cat_shuffle", name=f"{N}x(chunk+{C // 2})x{HW}x{HW} g=2",
+                        dtype=dtype, make_inputs=_unit_inputs(N, C, HW, cl),
+                        torchfuse=_tf_unit_tail, eager=_eager_unit_tail,
+                        grad_inputs=("x", "y"), bytes_fwd=2 * nbytes, bytes_bwd=2 * nbytes,
                         tags=dict(layout),
                     ))
     return cases

@@ -33,12 +33,31 @@ ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch
               torch.complex64, torch.complex128]
 
 
+def _narrowed(x, fmt=torch.contiguous_format):
+    """x as a view narrowing dim 1 of a wider tensor in layout fmt (one
+    channel before it, two after): rows further apart than x's own, and a
+    base address off any vector alignment. ShuffleNetV2 hands its chunk of
+    the unit's input to the concatenation this way."""
+    pad = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+    wide = torch.cat([pad, x, pad, pad], dim=1).contiguous(memory_format=fmt)
+    return wide.narrow(1, 1, x.shape[1])
+
+
+def _formats(dim):
+    yield "", torch.contiguous_format
+    if dim == 4:
+        yield "channels_last", torch.channels_last
+    if dim == 5:
+        yield "channels_last_3d", torch.channels_last_3d
+
+
 def _layouts(x):
-    yield "contiguous", x
-    if x.dim() == 4:
-        yield "channels_last", x.contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        yield "channels_last_3d", x.contiguous(memory_format=torch.channels_last_3d)
+    for name, fmt in _formats(x.dim()):
+        if name:
+            yield name, x.contiguous(memory_format=fmt)
+        else:
+            yield "contiguous", x
+        yield f"narrowed {name}".strip(), _narrowed(x, fmt)
     yield "strided", torch.cat([x, x], dim=-1)[..., ::2]
 
 
@@ -187,6 +206,11 @@ def test_cat_shuffle_matches_reference(device, dtype, case):
         variants.append(("channels_last_3d", [
             t.contiguous(memory_format=torch.channels_last_3d) for t in base]))
     variants.append(("strided", [torch.cat([t, t], -1)[..., ::2] for t in base]))
+    for name, fmt in _formats(len(total)):
+        variants.append((f"narrowed {name}".strip(), [_narrowed(t, fmt) for t in base]))
+        variants.append((f"half narrowed {name}".strip(), [
+            _narrowed(t, fmt) if i % 2 == 0 else t.contiguous(memory_format=fmt)
+            for i, t in enumerate(base)]))
     for layout, pieces in variants:
         pieces = [t.detach().requires_grad_() for t in pieces]
         out = F.cat_shuffle(pieces, groups)
@@ -199,8 +223,34 @@ def test_cat_shuffle_matches_reference(device, dtype, case):
         assert torch.equal(out, theirs), layout
         for k, (g, gr) in enumerate(zip(grads, grefs)):
             assert_close_to_ref(g, gr, dtype, gr.to(dtype), name=f"grad[{k}] {layout}")
-        if layout == "channels_last":
-            assert out.is_contiguous(memory_format=torch.channels_last)
+        if layout in ("channels_last", "narrowed channels_last"):
+            assert out.is_contiguous(memory_format=torch.channels_last), layout
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pieces_read_where_they_lie(device, layout):
+    """A piece that narrows dim 1 of a larger tensor (ShuffleNetV2's chunk of
+    its input) is read in place: no copy runs beside the kernel, forward or
+    backward, and the result is torch's."""
+    fmt = getattr(torch, layout) if layout != "contiguous" else torch.contiguous_format
+    x = randn(4, 232, 6, 6, device=device).contiguous(memory_format=fmt).requires_grad_()
+    y = randn(4, 116, 6, 6, device=device).contiguous(memory_format=fmt).requires_grad_()
+    x1, x2 = x.chunk(2, dim=1)
+    assert not x1.is_contiguous(memory_format=fmt)
+    go = randn(4, 232, 6, 6, device=device).contiguous(memory_format=fmt)
+    with torch.profiler.profile() as prof:
+        out = F.cat_shuffle([x1, y], 2)
+        shuffled = F.channel_shuffle(x2, 4)
+    copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_",
+                                                          "aten::contiguous")]
+    assert copies == [], copies
+    expected = TF.channel_shuffle(torch.cat([x1, y], 1), 2)
+    assert torch.equal(out, expected)
+    assert torch.equal(shuffled, TF.channel_shuffle(x2, 4))
+    assert out.is_contiguous(memory_format=fmt)
+    gx, gy = torch.autograd.grad(out, (x, y), go)
+    ex, ey = torch.autograd.grad(expected, (x, y), go)
+    assert torch.equal(gx, ex) and torch.equal(gy, ey)
 
 
 def test_cat_shuffle_every_dtype_and_promotion(device):

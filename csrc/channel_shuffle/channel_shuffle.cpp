@@ -57,6 +57,48 @@ void set_dims(Params& p, const at::Tensor& like, at::MemoryFormat fmt) {
   }
 }
 
+// The distance in elements between consecutive rows o of t viewed as
+// (O, C_t, I) in layout fmt (see set_dims), or -1 where no such view with
+// dense rows exists. Dims of size 1 place no constraint on their stride.
+int64_t outer_stride(const at::Tensor& t, at::MemoryFormat fmt) {
+  const int64_t dims = t.dim(), N = t.size(0), Ct = t.size(1);
+  if (!is_channels_last(fmt)) {
+    // rows are samples: channel planes dense, then channels dense
+    int64_t expect = 1;
+    for (int64_t d = dims - 1; d >= 1; --d) {
+      if (t.size(d) != 1 && t.stride(d) != expect) return -1;
+      expect *= t.size(d);
+    }
+    return N > 1 ? t.stride(0) : expect;
+  }
+  // rows are pixels (n, spatial...): channels dense (stride 1), pixels a
+  // common stride P apart in order, samples S pixels apart
+  if (Ct > 1 && t.stride(1) != 1) return -1;
+  int64_t P = -1, S = 1;
+  for (int64_t d = dims - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (P < 0) P = t.stride(d);
+    if (t.stride(d) != P * S) return -1;
+    S *= t.size(d);
+  }
+  if (P < 0) return N > 1 ? t.stride(0) : Ct;  // one pixel per sample
+  if (N > 1 && t.stride(0) != P * S) return -1;
+  return P;
+}
+
+// Appends t to p's pieces: where it lies when its rows are dense, else a
+// dense copy in layout fmt.
+void add_piece(Params& p, const at::Tensor& t, at::MemoryFormat fmt) {
+  int64_t os = outer_stride(t, fmt);
+  if (os < 0 || os < t.size(1) * p.I) {  // no view, or rows that overlap
+    p.pieces.push_back(t.contiguous(fmt));
+    os = outer_stride(p.pieces.back(), fmt);
+  } else {
+    p.pieces.push_back(t);
+  }
+  p.ostride.push_back(os);
+}
+
 bool empty_work(const Params& p) {
   return p.O == 0 || p.C == 0 || p.I == 0;
 }
@@ -69,16 +111,16 @@ at::Tensor shuffle_forward(const at::Tensor& input, int64_t groups, Launcher lau
   check_groups(C, groups);
   const auto fmt = layout_of(input);
   Params p;
-  p.pieces = {input.contiguous(fmt)};
   p.shuffled = at::empty(input.sizes(), input.options().memory_format(fmt));
   p.C = C;
   p.groups = groups;
   set_dims(p, input, fmt);
   if (empty_work(p)) return p.shuffled;
   if (groups == 1 || groups == C) {  // the identity permutation
-    p.shuffled.copy_(p.pieces[0]);
+    p.shuffled.copy_(input);
     return p.shuffled;
   }
+  add_piece(p, input, fmt);
   launch(p);
   return p.shuffled;
 }
@@ -89,8 +131,8 @@ at::Tensor cat_forward(at::TensorList tensors, int64_t groups, Launcher launch) 
   const at::Tensor& first = tensors[0];
   check_input(first, "tensors[0]");
   // channels_last when every piece is laid out so (pieces dense in both
-  // formats, e.g. of one channel, do not count against it) and one is not
-  // plain contiguous; else contiguous.
+  // formats, e.g. of one channel, do not count against it; pieces of no
+  // channels do not count) and one is not plain contiguous; else contiguous.
   const auto cl_fmt = first.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
                                        : at::MemoryFormat::ChannelsLast;
   bool all_cl = first.dim() == 4 || first.dim() == 5;
@@ -119,10 +161,11 @@ at::Tensor cat_forward(at::TensorList tensors, int64_t groups, Launcher launch) 
         "cat_shuffle(): expected all tensors of the same dtype, but got "
         "tensors[0] of ", first.scalar_type(), " and tensors[", k, "] of ",
         t.scalar_type());
+    C += t.size(1);
+    if (t.size(1) == 0) continue;  // holds nothing: no vote
     const bool cl = is_channels_last(layout_of(t));
     all_cl = all_cl && (cl || t.is_contiguous(cl_fmt));
     any_cl = any_cl || cl;
-    C += t.size(1);
   }
   check_groups(C, groups);
   const auto fmt = all_cl && any_cl ? cl_fmt : at::MemoryFormat::Contiguous;
@@ -135,7 +178,7 @@ at::Tensor cat_forward(at::TensorList tensors, int64_t groups, Launcher launch) 
   set_dims(p, p.shuffled, fmt);
   if (empty_work(p)) return p.shuffled;
   for (const auto& t : tensors) {
-    if (t.size(1) > 0) p.pieces.push_back(t.contiguous(fmt));
+    if (t.size(1) > 0) add_piece(p, t, fmt);
   }
   launch(p);
   return p.shuffled;
@@ -169,13 +212,15 @@ std::vector<at::Tensor> cat_backward(
     std::vector<int64_t> sizes = grad_out.sizes().vec();
     sizes[1] = s;
     grads.push_back(at::empty(sizes, grad_out.options().memory_format(fmt)));
-    if (s > 0) p.pieces.push_back(grads.back());
   }
   p.shuffled = grad_out.contiguous(fmt);
   p.C = C;
   p.groups = groups;
   p.to_shuffled = false;
   set_dims(p, grad_out, fmt);
+  for (const auto& t : grads) {
+    if (t.size(1) > 0) add_piece(p, t, fmt);  // dense: where they lie
+  }
   if (!empty_work(p)) launch(p);
   return grads;
 }

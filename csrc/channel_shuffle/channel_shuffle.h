@@ -21,8 +21,13 @@
 namespace torchfuse::channel_shuffle {
 
 struct Params {
-  std::vector<at::Tensor> pieces;  // (O, C_k, I) each, dense in the layout
-  at::Tensor shuffled;             // (O, C, I)
+  // (O, C_k, I) each: dense within a row of C_k * I elements, rows ostride[k]
+  // elements apart (C_k * I for a dense piece; more for a view that narrows
+  // dim 1 of a larger tensor, as ShuffleNetV2's chunk of its input, which
+  // is read where it lies rather than copied)
+  std::vector<at::Tensor> pieces;
+  std::vector<int64_t> ostride;
+  at::Tensor shuffled;             // (O, C, I), dense
   int64_t O = 0, C = 0, I = 0, groups = 1;
   // true: pieces -> shuffled (forward); false: shuffled -> pieces (backward
   // of cat_shuffle: each piece's gradient written in one pass).

@@ -91,11 +91,11 @@ inline void deinterleave(const E* __restrict__ s, const std::array<E*, F>& dst, 
   }
 }
 
-// The pieces of the concatenation: base address, channels and first
-// concatenated channel of piece k.
+// The pieces of the concatenation: base address, channels, first
+// concatenated channel and row stride (elements) of piece k.
 struct Pieces {
   std::vector<char*> base;
-  std::vector<int64_t> ck, c0;
+  std::vector<int64_t> ck, c0, os;
   bool aligned = true;  // every piece boundary a multiple of cpg
 };
 
@@ -103,11 +103,13 @@ Pieces pieces_of(const Params& p) {
   Pieces pc;
   const int64_t cpg = p.C / p.groups;
   int64_t acc = 0;
-  for (const auto& t : p.pieces) {
+  for (size_t k = 0; k < p.pieces.size(); ++k) {
+    const at::Tensor& t = p.pieces[k];
     const int64_t n = t.size(1);
     pc.base.push_back(static_cast<char*>(t.data_ptr()));
     pc.ck.push_back(n);
     pc.c0.push_back(acc);
+    pc.os.push_back(p.ostride[k]);
     pc.aligned = pc.aligned && n % cpg == 0;
     acc += n;
   }
@@ -117,7 +119,7 @@ Pieces pieces_of(const Params& p) {
 // Row o of piece k, and of the shuffled tensor (I == 1).
 template <typename E>
 E* piece_row(const Pieces& pc, size_t k, int64_t o) {
-  return reinterpret_cast<E*>(pc.base[k]) + o * pc.ck[k];
+  return reinterpret_cast<E*>(pc.base[k]) + o * pc.os[k];
 }
 
 // f(o, shuffled row o) for every outer row, in parallel.
@@ -302,14 +304,15 @@ void copy_planes(const std::vector<Entry>& table, int64_t O, int64_t plane_bytes
 // batch 64 unchanged. The table built without divisions (c / cpg, c % cpg
 // stepped) was still 0.58-0.92x the speed of this at batch 1 (4 alternations):
 // the allocation and the indirection cost too, so several pieces keep it.
-void copy_planes_one(const char* src, char* dst, int64_t O, int64_t C, int64_t A,
-                     int64_t plane_bytes) {
-  const int64_t B = C / A, row = C * plane_bytes;
+// src_row, dst_row: bytes between consecutive o.
+void copy_planes_one(const char* src, int64_t src_row, char* dst, int64_t dst_row, int64_t O,
+                     int64_t C, int64_t A, int64_t plane_bytes) {
+  const int64_t B = C / A;
   at::parallel_for(0, O * C, task_grain(plane_bytes), [&](int64_t begin, int64_t end) {
     int64_t o = begin / C, d = begin % C, q = d / A, r = d % A;
     for (int64_t t = begin; t < end; ++t) {
-      copy_plane(dst + o * row + d * plane_bytes, src + o * row + (r * B + q) * plane_bytes,
-                 plane_bytes);
+      copy_plane(dst + o * dst_row + d * plane_bytes,
+                 src + o * src_row + (r * B + q) * plane_bytes, plane_bytes);
       if (++r == A) {
         r = 0;
         ++q;
@@ -339,14 +342,15 @@ void launch_cpu(const Params& p) {
   // of a row are in order.
   const int64_t cpg = p.C / p.groups, plane = p.I * esize;
   char* sh = static_cast<char*>(p.shuffled.data_ptr());
-  if (pc.base.size() == 1) {
-    if (p.to_shuffled) return copy_planes_one(pc.base[0], sh, p.O, p.C, p.groups, plane);
-    return copy_planes_one(sh, pc.base[0], p.O, p.C, cpg, plane);
-  }
   const int64_t ss = p.C * plane;
+  if (pc.base.size() == 1) {
+    const int64_t ps = pc.os[0] * esize;
+    if (p.to_shuffled) return copy_planes_one(pc.base[0], ps, sh, ss, p.O, p.C, p.groups, plane);
+    return copy_planes_one(sh, ss, pc.base[0], ps, p.O, p.C, cpg, plane);
+  }
   std::vector<Entry> table(p.C);
   for (size_t k = 0; k < pc.ck.size(); ++k) {
-    const int64_t ps = pc.ck[k] * plane;
+    const int64_t ps = pc.os[k] * esize;
     for (int64_t j = 0; j < pc.ck[k]; ++j) {
       const int64_t c = pc.c0[k] + j, s = (c % cpg) * p.groups + c / cpg;
       char* pch = pc.base[k] + j * plane;

@@ -36,6 +36,7 @@ constexpr int kThreads = 256;
 
 struct PieceTable {
   char* ptr[kMaxPieces];
+  int64_t ostride[kMaxPieces];    // elements between consecutive rows o
   int64_t begin[kMaxPieces + 1];  // channel offsets in the concatenation
   int n;
 };
@@ -57,8 +58,8 @@ __device__ __forceinline__ const T* piece_addr(
     const PieceTable& t, index_t o, index_t c, index_t i, index_t I) {
   const int k = find_piece(t, c);
   const index_t b = static_cast<index_t>(t.begin[k]);
-  const index_t ck = static_cast<index_t>(t.begin[k + 1]) - b;
-  return reinterpret_cast<const T*>(t.ptr[k]) + ((o * ck + (c - b)) * I + i);
+  return reinterpret_cast<const T*>(t.ptr[k]) +
+      (o * static_cast<index_t>(t.ostride[k]) + (c - b) * I + i);
 }
 
 // kToShuffled: destination = shuffled (channel s), source = the pieces.
@@ -141,9 +142,14 @@ void launch_kernel(const PieceTable& table, const Params& p) {
 
 template <typename T, int V, bool kPlane, bool kToShuffled>
 void launch_index(const PieceTable& table, const Params& p) {
-  // Every index the kernel forms is below numel (+ one step of the grid).
-  const int64_t numel = p.O * p.C * p.I;
-  if (numel + static_cast<int64_t>(num_sms()) * 16 * kThreads * V <
+  // Every index the kernel forms is below the largest extent of the
+  // shuffled tensor (numel) and of a piece (its rows ostride apart), plus
+  // one step of the grid.
+  int64_t extent = p.O * p.C * p.I;
+  for (size_t k = 0; k < p.pieces.size(); ++k) {
+    extent = std::max(extent, (p.O - 1) * p.ostride[k] + p.pieces[k].size(1) * p.I);
+  }
+  if (extent + static_cast<int64_t>(num_sms()) * 16 * kThreads * V <
       std::numeric_limits<int32_t>::max()) {
     launch_kernel<T, V, kPlane, kToShuffled, uint32_t>(table, p);
   } else {
@@ -173,8 +179,9 @@ bool vec_ok(const Params& p) {
   if (!is_aligned(p.shuffled.data_ptr(), bytes)) return false;
   if ((p.I > 1 ? p.I : p.C) % V != 0) return false;
   if (p.I == 1 && p.to_shuffled) return true;
-  for (const at::Tensor& t : p.pieces) {
-    if (!is_aligned(t.data_ptr(), bytes)) return false;
+  for (size_t k = 0; k < p.pieces.size(); ++k) {
+    const at::Tensor& t = p.pieces[k];
+    if (!is_aligned(t.data_ptr(), bytes) || p.ostride[k] % V != 0) return false;
     if (p.I == 1 && t.size(1) % V != 0) return false;
   }
   return true;
@@ -198,6 +205,7 @@ void launch_typed(const Params& p) {
   for (int k = 0; k < table.n; ++k) {
     const at::Tensor& t = p.pieces[k];
     table.ptr[k] = static_cast<char*>(t.data_ptr());
+    table.ostride[k] = p.ostride[k];
     table.begin[k] = c0;
     c0 += t.size(1);
   }
@@ -211,6 +219,7 @@ void launch_cuda(const Params& p) {
     // Rare (more than kMaxPieces pieces): two passes through one tensor.
     const auto fmt = p.shuffled.suggest_memory_format();
     Params q = p;
+    q.ostride = {p.C * p.I};  // the one piece is dense
     if (p.to_shuffled) {
       q.pieces = {at::cat(p.pieces, 1).contiguous(fmt)};
       return launch_cuda(q);

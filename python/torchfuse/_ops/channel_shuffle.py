@@ -60,6 +60,7 @@ def _cat_layout(tensors) -> torch.memory_format:
     if dim not in (4, 5):
         return torch.contiguous_format
     cl_fmt = torch.channels_last if dim == 4 else torch.channels_last_3d
+    tensors = [t for t in tensors if t.shape[1] != 0]  # no vote (cat_forward)
     fmts = [_layout(t) for t in tensors]
     all_cl = all(f == cl_fmt or t.is_contiguous(memory_format=cl_fmt)
                  for f, t in zip(fmts, tensors))
