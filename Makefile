@@ -21,7 +21,7 @@ endif
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all build test test-cuda test-emu test-emu-asan bench cpp-test info clean distclean
+.PHONY: all build test test-cuda test-emu test-emu-asan test-asan bench cpp-test info clean distclean
 
 all: build
 
@@ -51,13 +51,25 @@ test-emu: build
 # kernel read or write outside the tensors torch allocated is reported and
 # ends the run. libstdc++ is preloaded beside libasan so that ASan can
 # intercept __cxa_throw (python itself does not load libstdc++; without it
-# the first op that raised a C++ exception ended the process). About 7
-# minutes on 2 cores, build included; CI runs it after test-emu.
+# the first op that raised a C++ exception ended the process). pytest
+# captures Python's streams only (--capture=sys): ASan's report, written to
+# file descriptor 2 by a process it then ends, would otherwise be lost with
+# pytest's captured output. About 7 minutes on 2 cores, build included; CI
+# runs it after test-emu.
 ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
 test-emu-asan: build
 	@test -f "$(word 1,$(ASAN_PRELOAD))" || { echo "gcc's libasan.so not found"; exit 1; }
 	CUEMU_ASAN=1 TORCHFUSE_CUDA_EMU=1 ASAN_OPTIONS=detect_leaks=0 \
-	    LD_PRELOAD="$(ASAN_PRELOAD)" $(PY) -m pytest tests $(PYTEST_ARGS)
+	    LD_PRELOAD="$(ASAN_PRELOAD)" $(PY) -m pytest tests --capture=sys $(PYTEST_ARGS)
+
+# The suite with the CPU kernels replaced by the same kernels built with
+# AddressSanitizer at -O1 (tools/cpu_asan.py, build/torchfuse_cpu_asan): a
+# kernel read or write outside the tensors torch allocated is reported and
+# ends the run. Preloads as test-emu-asan. CI runs it after test-emu-asan.
+test-asan: build
+	@test -f "$(word 1,$(ASAN_PRELOAD))" || { echo "gcc's libasan.so not found"; exit 1; }
+	TORCHFUSE_CPU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
+	    LD_PRELOAD="$(ASAN_PRELOAD)" $(PY) -m pytest tests --capture=sys $(PYTEST_ARGS)
 
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -27,7 +27,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from build_env import find_cuda_home, nvidia_dirs  # noqa: E402
+from build_env import cpu_flags, find_cuda_home, nvidia_dirs, openmp_flags  # noqa: E402
 
 VERSION = "0.1.0"
 
@@ -59,41 +59,6 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 
-def _cpu_flags():
-    """Flags for at::vec, as torch compiles its own CPU kernels.
-
-    at::vec only vectorises when CPU_CAPABILITY_<ISA> is defined and the
-    compiler may emit that ISA. The extension is built on the machine that runs
-    it, so the default is the best ISA both this CPU and torch support.
-    """
-    cap = os.environ.get("TORCHFUSE_CPU_CAPABILITY")
-    if cap is None:
-        try:
-            cap = torch.backends.cpu.get_cpu_capability()
-        except Exception:  # noqa: BLE001
-            cap = "DEFAULT"
-    cap = cap.upper()
-    if cap.startswith("AVX512"):
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
-                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"], "AVX512"
-    if cap == "AVX2":
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
-                "-mavx2", "-mfma", "-mf16c"], "AVX2"
-    return ["-DCPU_CAPABILITY=DEFAULT"], "DEFAULT"
-
-
-def _openmp_flags():
-    """at::parallel_for is header code: it runs threads only when the
-    extension itself is compiled with OpenMP (_OPENMP defined), as torch is.
-    Without -fopenmp every CPU kernel silently runs on one thread. Linking
-    with -fopenmp needs libgomp.so.1, the soname torch already loaded."""
-    if os.environ.get("TORCHFUSE_NO_OPENMP") == "1":
-        return []
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return []  # torch's own backend is native/TBB: nothing to match
-    return ["-fopenmp"]
-
-
 def _write_build_info(cpu_cap, archs, openmp):
     path = os.path.join(ROOT, "python", "torchfuse", "_build_info.py")
     info = {
@@ -114,9 +79,9 @@ def extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cpu_flags, cpu_cap = _cpu_flags()
-    omp = _openmp_flags()
-    cxx = opt + ["-DTORCHFUSE_PYTHON_MODULE", "-fvisibility=hidden"] + cpu_flags + omp
+    isa_flags, cpu_cap = cpu_flags()
+    omp = openmp_flags()
+    cxx = opt + ["-DTORCHFUSE_PYTHON_MODULE", "-fvisibility=hidden"] + isa_flags + omp
     archs = None
     if WITH_CUDA:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST")

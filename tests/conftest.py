@@ -22,18 +22,28 @@ HAS_CUDA = torch.cuda.is_available()
 # TORCHFUSE_CUDA_EMU=1: the CPU kernels are replaced by the CUDA kernels run
 # in the CPU emulator of tools/cuda_emu, so every "cpu" test below tests the
 # CUDA kernels' arithmetic, indexing and synchronisation (not their speed).
+# TORCHFUSE_CPU_ASAN=1 (make test-asan): the CPU kernels are replaced by the
+# same kernels built with AddressSanitizer (tools/cpu_asan.py).
 CUDA_EMU = os.environ.get("TORCHFUSE_CUDA_EMU") == "1"
-if CUDA_EMU:
+CPU_ASAN = os.environ.get("TORCHFUSE_CPU_ASAN") == "1"
+if CUDA_EMU and CPU_ASAN:
+    raise RuntimeError("TORCHFUSE_CUDA_EMU=1 and TORCHFUSE_CPU_ASAN=1 both replace the CPU "
+                       "kernels: set one")
+if CUDA_EMU or CPU_ASAN:
     import warnings
 
     import torchfuse  # noqa: F401  (its library defines the schemas first)
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "cuda_emu"))
-    import build as _cuda_emu_build
+    _TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
+    sys.path.insert(0, os.path.join(_TOOLS, "cuda_emu") if CUDA_EMU else _TOOLS)
+    if CUDA_EMU:
+        import build as _replacement
+    else:
+        import cpu_asan as _replacement
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
-        torch.ops.load_library(_cuda_emu_build.build())
+        torch.ops.load_library(_replacement.build())
 
 # Every tensor torch allocates without initialising it (torch.empty, and
 # at::empty in the kernels' C++: outputs, scratch and partial-sum buffers)

@@ -1,5 +1,6 @@
-"""Facts about the build environment, shared by setup.py and the CMake
-configure step (`python tools/build_env.py cmake-args`).
+"""Facts about the build environment, shared by setup.py, the CMake
+configure step (`python tools/build_env.py cmake-args`) and the sanitizer
+build of the CPU kernels (tools/cpu_asan.py).
 
 On our build machines `nvcc` on PATH is a wrapper script in /usr/local/bin,
 from which torch guesses a wrong CUDA_HOME; and the CUDA toolkit lacks the
@@ -52,6 +53,59 @@ def nvidia_dirs(sub: str) -> list[str]:
             if os.path.isdir(d) and d not in found:
                 found.append(d)
     return found
+
+
+def cpu_flags() -> tuple[list[str], str]:
+    """Flags for at::vec, as torch compiles its own CPU kernels.
+
+    at::vec only vectorises when CPU_CAPABILITY_<ISA> is defined and the
+    compiler may emit that ISA. The extension is built on the machine that runs
+    it, so the default is the best ISA both this CPU and torch support.
+    """
+    import torch
+
+    cap = os.environ.get("TORCHFUSE_CPU_CAPABILITY")
+    if cap is None:
+        try:
+            cap = torch.backends.cpu.get_cpu_capability()
+        except Exception:  # noqa: BLE001
+            cap = "DEFAULT"
+    cap = cap.upper()
+    if cap.startswith("AVX512"):
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"], "AVX512"
+    if cap == "AVX2":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+                "-mavx2", "-mfma", "-mf16c"], "AVX2"
+    return ["-DCPU_CAPABILITY=DEFAULT"], "DEFAULT"
+
+
+def openmp_flags() -> list[str]:
+    """at::parallel_for is header code: it runs threads only when the
+    extension itself is compiled with OpenMP (_OPENMP defined), as torch is.
+    Without -fopenmp every CPU kernel silently runs on one thread. Linking
+    with -fopenmp needs libgomp.so.1, the soname torch already loaded."""
+    import torch
+
+    if os.environ.get("TORCHFUSE_NO_OPENMP") == "1":
+        return []
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return []  # torch's own backend is native/TBB: nothing to match
+    return ["-fopenmp"]
+
+
+def load_library(name: str, build_dir: str, sources: list[str], cflags: list[str],
+                 ldflags: list[str], include_paths: list[str], verbose: bool = False) -> str:
+    """Builds (incrementally, ninja) and loads a CPU-only library of
+    TORCH_LIBRARY_IMPL registrations with torch's cpp_extension; returns its
+    path. Used by tools/cuda_emu/build.py and tools/cpu_asan.py."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name=name, sources=sources, extra_cflags=cflags,
+                       extra_ldflags=ldflags, extra_include_paths=include_paths,
+                       build_directory=build_dir, is_python_module=False, with_cuda=False,
+                       verbose=verbose)
+    return os.path.join(build_dir, name + ".so")
 
 
 def cmake_args() -> list[str]:

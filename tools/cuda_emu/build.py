@@ -87,7 +87,8 @@ def sources(build_dir: str) -> tuple[list[str], list[str]]:
 
 def build(verbose: bool = False) -> str:
     """Build (incrementally) and load the emulator library; returns its path."""
-    from torch.utils import cpp_extension
+    sys.path.insert(0, os.path.dirname(HERE))
+    from build_env import load_library
 
     asan = os.environ.get("CUEMU_ASAN") == "1"
     name = "torchfuse_cuda_emu" + ("_asan" if asan else "")
@@ -100,18 +101,8 @@ def build(verbose: bool = False) -> str:
     if asan:
         cflags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
-    cpp_extension.load(
-        name=name,
-        sources=srcs,
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        extra_include_paths=[os.path.join(HERE, "include"), HERE] + op_dirs,
-        build_directory=build_dir,
-        is_python_module=False,
-        with_cuda=False,
-        verbose=verbose,
-    )
-    return os.path.join(build_dir, name + ".so")
+    return load_library(name, build_dir, srcs, cflags, ldflags,
+                        [os.path.join(HERE, "include"), HERE] + op_dirs, verbose)
 
 
 if __name__ == "__main__":
