@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 
-def steady_malloc(argv: list[str]) -> None:
-    """Re-executes this script with STEADY_MALLOC in the environment (glibc
+def steady_malloc(argv: list[str], script: str = __file__) -> None:
+    """Re-executes `script` (this one by default) with STEADY_MALLOC in the environment (glibc
     reads it only at process start) unless it is set or --system-malloc.
 
     With glibc's defaults the mmap threshold adapts to the sizes freed and the
@@ -46,7 +46,7 @@ def steady_malloc(argv: list[str]) -> None:
     if "--system-malloc" in argv or os.environ.get("TORCHFUSE_BENCH_MALLOC") == "steady":
         return
     env = dict(os.environ, TORCHFUSE_BENCH_MALLOC="steady", **STEADY_MALLOC)
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv], env)
 
 
 if __name__ == "__main__":

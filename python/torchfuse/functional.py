@@ -311,7 +311,9 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     equal ``N`` and ``*``, any channel counts whose sum ``C`` divides by
     ``groups``. Mixed dtypes are promoted as by :func:`torch.cat`. The output is
     channels_last when every piece is; the backward writes each piece's
-    gradient in one pass.
+    gradient in one pass. A piece that is a view narrowing dim 1 of a larger
+    tensor (``x.chunk(2, dim=1)[0]``, as ShuffleNetV2 passes half its input
+    through) is read where it lies, not copied first.
     """
     if _direct_cat_shuffle is not None and not torch.compiler.is_compiling():
         out = _direct_cat_shuffle(tensors, groups)  # None unless the plain case
