@@ -54,7 +54,7 @@ test-emu: build
 # the first op that raised a C++ exception ended the process). pytest
 # captures Python's streams only (--capture=sys): ASan's report, written to
 # file descriptor 2 by a process it then ends, would otherwise be lost with
-# pytest's captured output. About 7 minutes on 2 cores, build included; CI
+# pytest's captured output. 7-12 minutes on 2 cores (12.3 in CI, 2026-12-07); CI
 # runs it after test-emu.
 ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
 test-emu-asan: build
