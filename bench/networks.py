@@ -62,16 +62,17 @@ def _step(model, x, mode):
     return run
 
 
-def run_network(name: str, mode: str, layout: str, device: str, min_run_time: float) -> dict:
+def run_network(name: str, mode: str, layout: str, device: str, min_run_time: float,
+                dtype: torch.dtype = torch.float32) -> dict:
     import torchvision
 
     import torchfuse
 
     torch.manual_seed(0)
-    eager = getattr(torchvision.models, name)(weights=None).to(device)
+    eager = getattr(torchvision.models, name)(weights=None).to(device, dtype)
     eager.train(mode == "training")
     converted = torchfuse.convert(copy.deepcopy(eager))
-    x = torch.randn(BATCH[mode], 3, 224, 224, device=device)
+    x = torch.randn(BATCH[mode], 3, 224, 224, device=device).to(dtype)
     if layout == "channels_last":
         fmt = torch.channels_last
         eager, converted = eager.to(memory_format=fmt), converted.to(memory_format=fmt)
@@ -88,6 +89,7 @@ def run_network(name: str, mode: str, layout: str, device: str, min_run_time: fl
         t = {k: time_cuda([f], 15) for k, f in fns.items()}
     swapped = sum(type(m).__module__.startswith("torchfuse") for m in converted.modules())
     return {"network": name, "mode": mode, "batch": BATCH[mode], "layout": layout,
+            "dtype": str(dtype).replace("torch.", ""),
             "swapped_modules": swapped, "max_rel_diff": err,
             "ms": {k: 1e3 * v for k, v in t.items()},
             "speedup": t["eager"] / t["torchfuse"]}
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--time", type=float, default=4.0,
                    help="CPU seconds of timing per model and case (default 4)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--dtype", default="float32",
+                   help="the models' parameters and input: float32 (default), bfloat16, ...")
     p.add_argument("--out", default="", help="JSON path; default bench/out/")
     args = p.parse_args(argv)
     if args.threads > 0:
@@ -113,7 +117,9 @@ def main(argv=None) -> int:
     meta["malloc"] = ("glibc " + " ".join(f"{k}={os.environ[k]}" for k in STEADY_MALLOC)
                       if os.environ.get("TORCHFUSE_BENCH_MALLOC") == "steady" else "system")
     meta["what"] = "whole networks: eager vs torchfuse.convert(), bench/networks.py"
+    meta["dtype"] = args.dtype
     print(f"# {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}, "
+          f"{args.dtype}, "
           f"commit {meta['commit'][:12]}, {meta['date']}", flush=True)
     print("| network | mode (batch) | layout | torchfuse / eager ms | speed-up | "
           "modules swapped | max rel. diff |")
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
             if args.mode and mode != args.mode:
                 continue
             for layout in ("contiguous", "channels_last"):
-                r = run_network(name, mode, layout, args.device, args.time)
+                r = run_network(name, mode, layout, args.device, args.time,
+                                getattr(torch, args.dtype))
                 results.append(r)
                 print(f"| {name} | {mode} ({r['batch']}) | {layout} | "
                       f"{r['ms']['torchfuse']:.2f} / {r['ms']['eager']:.2f} | "

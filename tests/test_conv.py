@@ -174,17 +174,17 @@ def test_conv2d_layouts(device, layout, case):
 
 @pytest.mark.parametrize("case,layout", [((2, 64, 12, 12, 32, 3, 1, 1, 1, 1, 1), "contiguous"),
                                          ((2, 34, 6, 5, 4, 3, 2, 2, 2, 2, 1), "contiguous"),
-                                         ((2, 8, 9, 7, 8, 3, 2, 1, 1, 8, 1), "channels_last"),
+                                         ((2, 8, 9, 7, 16, 3, 2, 1, 1, 8, 1), "channels_last"),
                                          ((2, 8, 9, 7, 16, 3, 1, 1, 1, 2, 1), "channels_last")],
-                         ids=["groups1", "grouped", "depthwise-cl", "grouped-cl"])
+                         ids=["groups1", "grouped", "depthwise-m2-cl", "grouped-cl"])
 def test_conv2d_platform_path_is_torchs(device, case, layout):
     """No shuffle, symmetric padding, and no direct kernel (or, on the CPU,
-    channels_last input, which the direct kernels would copy to NCHW and
-    back): torch's own convolution runs (oneDNN / cuDNN, faster than im2col
-    + GEMM there), so the output and the input and weight gradients are
-    torch's, bit for bit on the CPU (im2col + GEMM sums in another order
-    here: the output and grad_input of the first case and grad_weight of
-    the second differ)."""
+    channels_last input other than depthwise with one output per group,
+    which the direct kernels would copy to NCHW and back): torch's own
+    convolution runs (oneDNN / cuDNN, faster than im2col + GEMM there), so
+    the output and the input and weight gradients are torch's, bit for bit
+    on the CPU (im2col + GEMM sums in another order here: the output and
+    grad_input of the first case and grad_weight of the second differ)."""
     x, w, b = _tensors(case, torch.float32, device, layout=layout)
     args = _args(case)
     go = randn(*F.conv2d(x, w, b, **args).shape, device=device)
@@ -203,6 +203,103 @@ def test_conv2d_platform_path_is_torchs(device, case, layout):
         else:
             torch.testing.assert_close(o, t)
     _check_case(case, torch.float32, device)
+
+
+# Depthwise (one output per group) without a shuffle on channels_last input:
+# on the CPU the NHWC kernels compute it where it lies, in the backward for
+# float16 and bfloat16 and in every pass where torch's convolution cannot
+# take it (asymmetric padding). Channel counts below, at and past the
+# kernels' two vector steps (64 float32 / bfloat16 channels, 32 float64),
+# strides, dilations, a 1x7 and an even kernel, a stride past the kernel,
+# padding wider than its reach.
+NHWC = [
+    (2, 8, 9, 7, 8, 3, 1, 1, 1, 8, 1),
+    (2, 70, 6, 5, 70, 3, 2, 1, 1, 70, 1),
+    (1, 37, 7, 6, 37, 3, 1, 2, 2, 37, 1),
+    (1, 4, 7, 7, 4, (1, 7), 1, (0, 3), 1, 4, 1),
+    (2, 6, 9, 10, 6, (3, 2), (1, 2), 1, (2, 3), 6, 1),
+    (2, 4, 7, 8, 4, 4, 1, "same", (1, 3), 4, 1),
+    (1, 4, 10, 11, 4, 2, 3, 0, 1, 4, 1),
+    (1, 3, 6, 7, 3, 3, 2, 3, 1, 3, 1),
+]
+
+
+@pytest.mark.parametrize("case", NHWC, ids=[_id(c) for c in NHWC])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_conv2d_channels_last_depthwise(device, dtype, case):
+    x = _tensors(case, dtype, device, layout="channels_last")[0]
+    out, gx = _check_case(case, dtype, device, layout="channels_last")[:2]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert gx.shape == x.shape
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@pytest.mark.parametrize("case", [c for c in NHWC if c[7] != "same"],
+                         ids=[_id(c) for c in NHWC if c[7] != "same"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_conv2d_op_asymmetric_padding_channels_last(device, dtype, case):
+    """The op with one more row of padding at the bottom and one more column
+    at the left: no torch convolution takes that, so on the CPU the NHWC
+    kernels run every pass of every dtype. Against the zero-padded input's
+    valid convolution (float64, and torch's in the dtype)."""
+    s, p, d, g = case[6:10]
+    (sh, sw), (ph, pw), (dh, dw) = _pair(s), _pair(p), _pair(d)
+    pad = [ph, pw + 1, ph + 1, pw]  # top, left, bottom, right
+    x, wt, b = _tensors(case, dtype, device, layout="channels_last")
+    ops = torch.ops.torchfuse
+    out = ops.conv2d(x, wt, b, [sh, sw], pad, [dh, dw], g, 1)
+    go = randn(*out.shape, dtype=dtype, device=device).contiguous(
+        memory_format=torch.channels_last)
+    grads = ops.conv2d_backward(go, x, wt, [sh, sw], pad, [dh, dw], g, 1, [True, True, True])
+
+    def valid(*t):
+        xp = TF.pad(t[0], (pad[1], pad[3], pad[0], pad[2]))
+        return TF.conv2d(xp, t[1], t[2], (sh, sw), 0, (dh, dw), g)
+
+    def grads_of(*t):
+        o = valid(*t)
+        return (o, *torch.autograd.grad(o, t, go.to(o.dtype)))
+
+    ref = grads_of(*[leaf(t, torch.float64) for t in (x, wt, b)])
+    theirs = grads_of(*[leaf(t) for t in (x, wt, b)]) if dtype in (torch.float16,
+                                                                   torch.bfloat16) else None
+    for i, (o, name) in enumerate(zip((out, *grads), ("out", "grad_input", "grad_weight",
+                                                      "grad_bias"))):
+        assert o.dtype == dtype, name
+        assert_close_to_ref(o, ref[i], dtype, None if theirs is None else theirs[i], name=name)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(CUDA_EMU, reason="the emulated CUDA kernels compute NCHW")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_conv2d_channels_last_depthwise_in_place(dtype):
+    """On the CPU the NHWC kernels read channels_last x and dy and write out
+    and dx where they lie: no layout copy, and not torch's convolution
+    (whose oneDNN backward took up to 50 ms for bfloat16 and 1 s for
+    float16 at MobileNetV2 shapes that take 0.3-7 ms here). bfloat16 with
+    symmetric padding: the backward (the forward is torch's); float32 with
+    asymmetric "same" padding: every pass."""
+    case = ((2, 6, 9, 10, 6, 3, 2, 1, 1, 6, 1) if dtype == torch.bfloat16
+            else (2, 6, 9, 10, 6, 4, 1, "same", 1, 6, 1))
+    x, w, b = _tensors(case, dtype, "cpu", layout="channels_last")
+    out = F.conv2d(x, w, b, **_args(case))
+    go = randn(*out.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        if dtype == torch.bfloat16:
+            torch.autograd.grad(out, (x, w, b), go)
+        else:
+            _run(lambda *t: F.conv2d(*t, **_args(case)), (x, w, b), go)
+    names = {e.name for e in prof.events()}
+    assert "torchfuse::conv2d_backward" in names
+    # (a layout copy is a clone: .contiguous(memory_format); the dtype casts
+    # of grad_weight and grad_bias are copy_ / _to_copy)
+    for op in ("aten::convolution", "aten::convolution_backward", "aten::clone"):
+        assert op not in names, op
 
 
 def test_conv2d_unbatched(device):
@@ -378,6 +475,7 @@ GRADCHECK = [
     (2, 6, 3, 4, 4, 1, 1, 0, 1, 2, 2),  # direct 1x1
     (1, 3, 5, 6, 4, (2, 3), 1, "same", 1, 1, 1),
     (1, 18, 4, 5, 4, 3, 1, 1, 2, 1, 1),  # torch's convolution (PLATFORM)
+    (2, 5, 6, 5, 5, 3, 2, 1, 1, 5, 1),  # depthwise: NHWC kernels for channels_last
 ]
 
 
@@ -415,7 +513,7 @@ def _opcheck_samples(device):
     ops = torch.ops.torchfuse
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         layouts = ("contiguous", "channels_last") if dtype == torch.float32 else ("contiguous",)
-        for case, layout in [(c, lay) for c in (*GRADCHECK[:3], GRADCHECK[4])
+        for case, layout in [(c, lay) for c in (*GRADCHECK[:3], *GRADCHECK[4:])
                              for lay in layouts]:
             x, w, b = _tensors(case, dtype, device, layout=layout)
             s, p, d, g, sg = case[6:]
@@ -651,10 +749,11 @@ def test_autocast_like_torch(device, compiled):
 
 
 # ----------------------------------------------------------------- determinism
-@pytest.mark.parametrize("case", [GROUPED, DEPTHWISE_S2, IM2COL],
-                         ids=["grouped", "depthwise", "im2col"])
-def test_deterministic(device, case):
-    x, w, b = _tensors((4, *case[1:]), torch.float32, device)
+@pytest.mark.parametrize("case,layout", [(GROUPED, "contiguous"), (DEPTHWISE_S2, "contiguous"),
+                                         (IM2COL, "contiguous"), (NHWC[1], "channels_last")],
+                         ids=["grouped", "depthwise", "im2col", "depthwise-cl"])
+def test_deterministic(device, case, layout):
+    x, w, b = _tensors((4, *case[1:]), torch.float32, device, layout=layout)
     args = _args(case)
 
     def run():

@@ -158,15 +158,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
 // 0.7-1.9x it on dilated float32 convolutions (DeepLabv3, DRN). Empty
 // convolutions stay here. own_dw: the launchers keep the weight gradient of
 // some of those (launch.own_dweight).
+// nhwc: a depthwise convolution (one output per group) without a shuffle on
+// channels_last input, computed where its tensors lie by the launchers' NHWC
+// kernels (CPU): in the backward for float16 and bfloat16, and in every pass
+// where torch's convolution cannot take it (asymmetric padding). Against
+// oneDNN on the 2-core Xeon with AVX512_BF16/AVX512_FP16 (batch 32,
+// MobileNetV2 / ShuffleNetV2 / EfficientNet depthwise shapes), the NHWC
+// kernels' grad_input took 1/150 to 1x oneDNN's time in bfloat16 (its
+// strided grad_input ran at 31-53 ms) and float16 grad_input and
+// grad_weight 1/180 to 1/2.3; their forward took 1.1-2.3x oneDNN's in
+// bfloat16 (oneDNN's is memory-bound there) and float32 is about even in
+// every pass, so those stay with torch.
 struct Path {
-  bool direct = false, platform = false, own_dw = false;
+  bool direct = false, platform = false, own_dw = false, nhwc = false;
 };
 
-// fmt: the input's kept_format.
+// fmt: the input's kept_format; backward: for the backward pass.
 Path path_of(const Geometry& g, at::ScalarType dtype, at::MemoryFormat fmt,
-             const Launchers& launch) {
-  const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
+             const Launchers& launch, bool backward) {
   Path p;
+  const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
+  const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
+  p.nhwc = launch.nhwc_forward != nullptr && fmt == at::MemoryFormat::ChannelsLast &&
+      g.cin_g() == 1 && g.cout_g() == 1 && g.shuffle == 1 && g.N > 0 && g.Cout > 0 &&
+      (!alt || (backward && low));
+  if (p.nhwc) return p;
   p.direct = launch.use_direct(g, dtype, alt, fmt == at::MemoryFormat::ChannelsLast);
   p.platform = alt && !p.direct && g.N > 0 && g.Cout > 0;
   p.own_dw = p.platform && launch.own_dweight(g, dtype);
@@ -253,10 +269,21 @@ at::Tensor forward(
     bias = bias.contiguous();
   }
   const at::MemoryFormat fmt = kept_format(input_);
-  const Path path = path_of(g, input_.scalar_type(), fmt, launch);
+  const Path path = path_of(g, input_.scalar_type(), fmt, launch, false);
   if (path.platform) {
     return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
                            false, {0, 0}, g.groups).contiguous(fmt);
+  }
+  if (path.nhwc) {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    DirectParams p;
+    p.x = input_.contiguous(cl);
+    p.w = weight_.contiguous();
+    p.bias = bias;
+    p.out = at::empty({g.N, g.Cout, g.OH, g.OW}, input_.options().memory_format(cl));
+    p.g = g;
+    launch.nhwc_forward(p);
+    return p.out;
   }
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
@@ -347,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   // what is left to the kernels here
   std::array<bool, 2> ours{mask[0], mask[1]};
   at::Tensor gx, gw;
-  const Path path = path_of(g, input_.scalar_type(), fmt, launch);
+  const Path path = path_of(g, input_.scalar_type(), fmt, launch, true);
   if (path.platform && (mask[0] || mask[1])) {
     // torch's convolution_backward, except the weight gradients the launchers
     // keep (path.own_dw)
@@ -360,6 +387,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       if (mask[1] && !own_dw) gw = tw.contiguous();
     }
     ours = {false, own_dw};
+  }
+  if (path.nhwc && (mask[0] || mask[1])) {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    DirectParams p;
+    p.x = input_.contiguous(cl);
+    p.w = weight_.contiguous();
+    p.dy = grad_out_.contiguous(cl);
+    p.g = g;
+    if (mask[0]) {
+      p.dx = at::empty(input_.sizes(), input_.options().memory_format(cl));
+      launch.nhwc_dinput(p);
+      gx = p.dx;
+    }
+    if (mask[1]) {
+      gw = at::empty(weight_.sizes(), weight_.options());
+      p.dw = weight_acc(gw, acc);
+      launch.nhwc_dweight(p);
+      if (!p.dw.is_same(gw)) gw.copy_(p.dw);
+    }
+    ours = {false, false};
   }
   if (!gx.defined()) {
     gx = ours[0] ? at::empty(input_.sizes(), input_.options())

@@ -105,6 +105,13 @@ struct Launchers {
   void (*direct_forward)(const DirectParams&);
   void (*direct_dinput)(const DirectParams&);
   void (*direct_dweight)(const DirectParams&);
+  // Depthwise convolutions (one input and one output channel per group)
+  // without a shuffle on channels_last input, the same three passes over
+  // channels_last (NHWC) x, dy, out and dx (dw as above); null where the
+  // device has none (CUDA), and such input takes the paths above.
+  void (*nhwc_forward)(const DirectParams&);
+  void (*nhwc_dinput)(const DirectParams&);
+  void (*nhwc_dweight)(const DirectParams&);
 };
 
 at::Tensor forward(

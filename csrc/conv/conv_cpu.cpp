@@ -676,6 +676,331 @@ void direct_dweight_kernel(const DirectParams& p) {
   });
 }
 
+// ------------------------------------------------------------ channels_last
+// Depthwise convolutions (one input and one output channel per group) without
+// a shuffle, on channels_last (NHWC) tensors read and written where they lie.
+// A pixel's channels are contiguous, so every pass vectorizes over channels,
+// and the index work (which taps fall inside the image) is done once per
+// pixel for all of them: no copy, no padded plane. These replaced torch's
+// convolution for such input (oneDNN here), whose speed depends on the CPU's
+// instruction set: on the 2-core Xeon with AVX512_BF16 and AVX512_FP16
+// (batch 32, 576 channels 14x14, 3x3), its bfloat16 grad_input at stride 2
+// took 46 ms (float32: 1.8) and float16 took 19-137 ms in every backward
+// pass, where the morning's VM without those instructions ran the same
+// bfloat16 layers in a few ms. Channel c's weights are gathered first into
+// wt[t * C + c] (tap t = i * KW + j, the accumulate type).
+
+template <typename T>
+std::vector<at::opmath_type<T>> taps_by_channel(const T* w, int64_t C, int64_t kk) {
+  std::vector<at::opmath_type<T>> wt(kk * C);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < kk; ++t) wt[t * C + c] = static_cast<at::opmath_type<T>>(w[c * kk + t]);
+  }
+  return wt;
+}
+
+// One pixel's C channels: dst[c] = init[c] (0 without init) + sum over
+// k < m of wt[woff[k] + c] * src[off[k] + c], the taps in the order given.
+// Two steps of channels at a time: four independent sums.
+template <typename T>
+TF_ALWAYS_INLINE void pixel_sum(const T* src, const int64_t* off, const int64_t* woff, int64_t m,
+                                const at::opmath_type<T>* wt, const at::opmath_type<T>* init,
+                                int64_t C, T* dst) {
+  using IO = cpu::VecIO<T>;
+  using A = at::opmath_type<T>;
+  using AVec = typename IO::AVec;
+  constexpr int64_t S = IO::kStep, V = IO::kSize;
+  int64_t c = 0;
+  for (; c + 2 * S <= C; c += 2 * S) {
+    AVec a0(A(0)), b0(A(0)), a1(A(0)), b1(A(0));
+    if (init != nullptr) {
+      a0 = AVec::loadu(init + c);
+      b0 = AVec::loadu(init + c + V);
+      a1 = AVec::loadu(init + c + S);
+      b1 = AVec::loadu(init + c + S + V);
+    }
+    for (int64_t k = 0; k < m; ++k) {
+      AVec xa0, xb0, xa1, xb1;
+      IO::load(src + off[k] + c, xa0, xb0);
+      IO::load(src + off[k] + c + S, xa1, xb1);
+      const A* wk = wt + woff[k] + c;
+      a0 = at::vec::fmadd(AVec::loadu(wk), xa0, a0);
+      b0 = at::vec::fmadd(AVec::loadu(wk + V), xb0, b0);
+      a1 = at::vec::fmadd(AVec::loadu(wk + S), xa1, a1);
+      b1 = at::vec::fmadd(AVec::loadu(wk + S + V), xb1, b1);
+    }
+    IO::store(dst + c, a0, b0);
+    IO::store(dst + c + S, a1, b1);
+  }
+  cpu::for_each_step<S>(C - c, [&](int64_t j, int64_t n) TF_INLINE_LAMBDA {
+    const int64_t cj = c + j;
+    AVec a(A(0)), b(A(0));
+    if (init != nullptr) cpu::AccIO<A>::load(init + cj, n, a, b);
+    for (int64_t k = 0; k < m; ++k) {
+      AVec xa, xb, wa, wb;
+      IO::load(src + off[k] + cj, n, xa, xb);
+      cpu::AccIO<A>::load(wt + woff[k] + cj, n, wa, wb);
+      a = at::vec::fmadd(wa, xa, a);
+      b = at::vec::fmadd(wb, xb, b);
+    }
+    IO::store(dst + cj, a, b, n);
+  });
+}
+
+// pixel_sum over `count` pixels whose taps all lie inside the image, so that
+// their offsets differ by a fixed step: pixel t reads src[s0 + t * sstep +
+// rel[k] + c] and writes dst[t * dstep + c]. Two pixels at a time share each
+// weight load (four independent sums also where C is one step or less).
+template <typename T>
+TF_ALWAYS_INLINE void span_sum(const T* src, int64_t s0, int64_t sstep, const int64_t* rel,
+                               const int64_t* woff, int64_t m, const at::opmath_type<T>* wt,
+                               const at::opmath_type<T>* init, int64_t C, T* dst,
+                               int64_t dstep, int64_t count) {
+  using IO = cpu::VecIO<T>;
+  using A = at::opmath_type<T>;
+  using AVec = typename IO::AVec;
+  constexpr int64_t S = IO::kStep;
+  int64_t t = 0;
+  for (; t + 2 <= count; t += 2) {
+    const T* p0 = src + s0 + t * sstep;
+    const T* p1 = p0 + sstep;
+    T* d0 = dst + t * dstep;
+    cpu::for_each_step<S>(C, [&](int64_t c, int64_t n) TF_INLINE_LAMBDA {
+      AVec a0(A(0)), b0(A(0)), a1, b1;
+      if (init != nullptr) cpu::AccIO<A>::load(init + c, n, a0, b0);
+      a1 = a0;
+      b1 = b0;
+      for (int64_t k = 0; k < m; ++k) {
+        AVec wa, wb, xa, xb;
+        cpu::AccIO<A>::load(wt + woff[k] + c, n, wa, wb);
+        IO::load(p0 + rel[k] + c, n, xa, xb);
+        a0 = at::vec::fmadd(wa, xa, a0);
+        b0 = at::vec::fmadd(wb, xb, b0);
+        IO::load(p1 + rel[k] + c, n, xa, xb);
+        a1 = at::vec::fmadd(wa, xa, a1);
+        b1 = at::vec::fmadd(wb, xb, b1);
+      }
+      IO::store(d0 + c, a0, b0, n);
+      IO::store(d0 + dstep + c, a1, b1, n);
+    });
+  }
+  if (t < count) {
+    std::vector<int64_t> off(rel, rel + m);  // (rare: an odd pixel at the span's end)
+    for (auto& o : off) o += s0 + t * sstep;
+    pixel_sum(src, off.data(), woff, m, wt, init, C, dst + t * dstep);
+  }
+}
+
+// rows (of pixels, each C elements) per parallel task: about 32K elements
+inline int64_t nhwc_grain(int64_t pixels_per_row, int64_t C) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, pixels_per_row * C));
+}
+
+// out[n, oh, ow, c] = bias[c] + sum over the taps inside the image of
+// w[c, i, j] x[n, oh*sh - pt + i*dh, ow*sw - pl + j*dw, c]. (float16 and
+// bfloat16 rows of x converted to float once per task, in a cache of the
+// rows an output row reads, made the bfloat16 forward slower, 4.1 -> 5.1 ms
+// at MobileNetV2's 144@56 layer, batch 32: twice the bytes read per tap.)
+template <typename T>
+void nhwc_forward_kernel(const DirectParams& p) {
+  using A = at::opmath_type<T>;
+  const Geometry& g = p.g;
+  const int64_t C = g.Cout, kk = g.kk();
+  const T* x = p.x.const_data_ptr<T>();
+  T* out = p.out.mutable_data_ptr<T>();
+  const std::vector<A> wt = taps_by_channel(p.w.const_data_ptr<T>(), C, kk);
+  std::vector<A> init;
+  if (p.bias.defined()) {
+    const T* b = p.bias.const_data_ptr<T>();
+    init.assign(b, b + C);
+  }
+  const A* bias = init.empty() ? nullptr : init.data();
+  // outputs [olo, ohi) of a row have every column tap inside the image
+  int64_t olo, ohi, lo2, hi2;
+  valid_range(-g.pl, g.sw, g.W, g.OW, olo, ohi);
+  valid_range((g.KW - 1) * g.dw - g.pl, g.sw, g.W, g.OW, lo2, hi2);
+  olo = std::max(olo, lo2);
+  ohi = std::max(olo, std::min(ohi, hi2));
+  at::parallel_for(0, g.N * g.OH, nhwc_grain(g.OW, C), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> off(kk), woff(kk), rel(kk), rwoff(kk), tapj(kk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.OH, oh = r % g.OH;
+      int64_t mr = 0;  // the taps of the row's valid input rows; rel: from column 0
+      for (int64_t i = 0; i < g.KH; ++i) {
+        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t j = 0; j < g.KW; ++j) {
+          rel[mr] = ((n * g.H + ih) * g.W + j * g.dw) * C;
+          tapj[mr] = j;
+          rwoff[mr++] = (i * g.KW + j) * C;
+        }
+      }
+      if (olo < ohi) {
+        span_sum(x, (olo * g.sw - g.pl) * C, g.sw * C, rel.data(), rwoff.data(), mr,
+                    wt.data(), bias, C, out + (r * g.OW + olo) * C, C, ohi - olo);
+      }
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        if (ow == olo && olo < ohi) ow = ohi;
+        if (ow >= g.OW) break;
+        int64_t m = 0;
+        for (int64_t k = 0; k < mr; ++k) {
+          const int64_t iw = ow * g.sw - g.pl + tapj[k] * g.dw;
+          if (iw < 0 || iw >= g.W) continue;
+          off[m] = rel[k] + (ow * g.sw - g.pl) * C;
+          woff[m++] = rwoff[k];
+        }
+        pixel_sum(x, off.data(), woff.data(), m, wt.data(), bias, C,
+                     out + (r * g.OW + ow) * C);
+      }
+    }
+  });
+}
+
+// dx[n, h, w, c] = sum over the taps (i, j) and outputs (oh, ow) with
+// oh*sh = h + pt - i*dh, ow*sw = w + pl - j*dw of w[c, i, j] dy[n, oh, ow, c]
+// (gather form: each element's sum in a fixed order)
+template <typename T>
+void nhwc_dinput_kernel(const DirectParams& p) {
+  using A = at::opmath_type<T>;
+  const Geometry& g = p.g;
+  const int64_t C = g.Cin, kk = g.kk();
+  const T* dy = p.dy.const_data_ptr<T>();
+  T* dx = p.dx.mutable_data_ptr<T>();
+  const std::vector<A> wt = taps_by_channel(p.w.const_data_ptr<T>(), C, kk);
+  // at unit column stride, inputs [wlo, whi) of a row have every column
+  // tap's output inside dy: w + pl - j*dw in [0, OW) for j = 0 and KW - 1
+  int64_t wlo = 0, whi = 0;
+  if (g.sw == 1) {
+    wlo = std::max<int64_t>(0, (g.KW - 1) * g.dw - g.pl);
+    whi = std::max(wlo, std::min(g.W, g.OW - g.pl));
+  }
+  at::parallel_for(0, g.N * g.H, nhwc_grain(g.W, C), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> off(kk), woff(kk), rel(kk), rwoff(kk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.H, h = r % g.H;
+      if (wlo < whi) {
+        int64_t mr = 0;
+        for (int64_t i = 0; i < g.KH; ++i) {
+          int64_t oh;
+          if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            rel[mr] = ((n * g.OH + oh) * g.OW + g.pl - j * g.dw) * C;
+            rwoff[mr++] = (i * g.KW + j) * C;
+          }
+        }
+        span_sum(dy, wlo * C, C, rel.data(), rwoff.data(), mr, wt.data(),
+                 static_cast<const A*>(nullptr), C, dx + (r * g.W + wlo) * C, C, whi - wlo);
+      }
+      for (int64_t w = 0; w < g.W; ++w) {
+        if (w == wlo && wlo < whi) w = whi;
+        if (w >= g.W) break;
+        int64_t m = 0;
+        for (int64_t i = 0; i < g.KH; ++i) {
+          int64_t oh, ow;
+          if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            if (!output_index(w + g.pl - j * g.dw, g.sw, g.OW, ow)) continue;
+            off[m] = ((n * g.OH + oh) * g.OW + ow) * C;
+            woff[m++] = (i * g.KW + j) * C;
+          }
+        }
+        pixel_sum(dy, off.data(), woff.data(), m, wt.data(), static_cast<const A*>(nullptr), C,
+                  dx + (r * g.W + w) * C);
+      }
+    }
+  });
+}
+
+// dw[c, 0, i, j] = sum over n, oh, ow of dy[n, oh, ow, c] x[n, ih, iw, c].
+// The (n, oh) rows are cut into chunks by the shape alone (at most 64, their
+// partial sums at most 16 MB), each chunk's sums kept apart (tap-major) and
+// then added in chunk order: the result does not depend on the thread count.
+template <typename T>
+void nhwc_dweight_kernel(const DirectParams& p) {
+  using IO = cpu::VecIO<T>;
+  using A = at::opmath_type<T>;
+  using AVec = typename IO::AVec;
+  const Geometry& g = p.g;
+  const int64_t C = g.Cin, kk = g.kk(), rows = g.N * g.OH, S = kk * C;
+  const T* x = p.x.const_data_ptr<T>();
+  const T* dy = p.dy.const_data_ptr<T>();
+  A* dw = p.dw.mutable_data_ptr<A>();
+  int64_t per = (rows + 63) / 64;
+  while (per < rows && ((rows + per - 1) / per) * S * int64_t{sizeof(A)} > (int64_t{16} << 20)) {
+    per *= 2;
+  }
+  const int64_t chunks = (rows + per - 1) / per;
+  std::vector<A> part(chunks * S);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      A* P = part.data() + ch * S;
+      std::fill(P, P + S, A(0));
+      for (int64_t r = ch * per; r < std::min(rows, (ch + 1) * per); ++r) {
+        const int64_t n = r / g.OH, oh = r % g.OH;
+        const T* dyr = dy + r * g.OW * C;
+        for (int64_t i = 0; i < g.KH; ++i) {
+          const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+          if (ih < 0 || ih >= g.H) continue;
+          const T* xr = x + (n * g.H + ih) * g.W * C;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            const int64_t col = j * g.dw - g.pl;  // input column of ow: ow * sw + col
+            int64_t lo, hi;
+            valid_range(col, g.sw, g.W, g.OW, lo, hi);
+            if (lo >= hi) continue;
+            A* Pt = P + (i * g.KW + j) * C;
+            const int64_t xs = g.sw * C;
+            cpu::for_each_step<IO::kStep>(C, [&](int64_t c, int64_t nc) TF_INLINE_LAMBDA {
+              AVec a0(A(0)), b0(A(0)), a1(A(0)), b1(A(0));
+              const T* d = dyr + lo * C + c;
+              const T* xp = xr + (lo * g.sw + col) * C + c;
+              int64_t ow = lo;
+              for (; ow + 2 <= hi; ow += 2, d += 2 * C, xp += 2 * xs) {
+                AVec da, db, xa, xb;
+                IO::load(d, nc, da, db);
+                IO::load(xp, nc, xa, xb);
+                a0 = at::vec::fmadd(da, xa, a0);
+                b0 = at::vec::fmadd(db, xb, b0);
+                IO::load(d + C, nc, da, db);
+                IO::load(xp + xs, nc, xa, xb);
+                a1 = at::vec::fmadd(da, xa, a1);
+                b1 = at::vec::fmadd(db, xb, b1);
+              }
+              if (ow < hi) {
+                AVec da, db, xa, xb;
+                IO::load(d, nc, da, db);
+                IO::load(xp, nc, xa, xb);
+                a0 = at::vec::fmadd(da, xa, a0);
+                b0 = at::vec::fmadd(db, xb, b0);
+              }
+              AVec pa, pb;
+              cpu::AccIO<A>::load(Pt + c, nc, pa, pb);
+              cpu::AccIO<A>::store(Pt + c, pa + (a0 + a1), pb + (b0 + b1), nc);
+            });
+          }
+        }
+      }
+    }
+  });
+  // the chunks' sums in chunk order, then from tap-major to dw's [c][t]
+  std::vector<A> sum(S);
+  at::parallel_for(0, S, 1 << 12, [&](int64_t begin, int64_t end) {
+    cpu::for_each_step<IO::kStep>(end - begin, [&](int64_t e0, int64_t ne) TF_INLINE_LAMBDA {
+      const int64_t e = begin + e0;
+      AVec a(A(0)), b(A(0));
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        AVec pa, pb;
+        cpu::AccIO<A>::load(part.data() + ch * S + e, ne, pa, pb);
+        a = a + pa;
+        b = b + pb;
+      }
+      cpu::AccIO<A>::store(sum.data() + e, a, b, ne);
+    });
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < kk; ++t) dw[c * kk + t] = sum[t * C + c];
+  }
+}
+
 void im2col_cpu(const Im2colParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "im2col_cpu", [&] {
     if (p.col.scalar_type() == p.x.scalar_type()) {
@@ -742,8 +1067,27 @@ bool own_dweight_cpu(const Geometry& g, at::ScalarType dtype) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) && g.groups <= 8;
 }
 
-const Launchers kCpu{im2col_cpu, col2im_cpu, use_direct_cpu, own_dweight_cpu,
-                     direct_forward_cpu, direct_dinput_cpu, direct_dweight_cpu};
+void nhwc_forward_cpu(const DirectParams& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "conv2d_nhwc_cpu", [&] { nhwc_forward_kernel<scalar_t>(p); });
+}
+
+void nhwc_dinput_cpu(const DirectParams& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dy.scalar_type(),
+                                  "conv2d_nhwc_dinput_cpu",
+                                  [&] { nhwc_dinput_kernel<scalar_t>(p); });
+}
+
+void nhwc_dweight_cpu(const DirectParams& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dy.scalar_type(),
+                                  "conv2d_nhwc_dweight_cpu",
+                                  [&] { nhwc_dweight_kernel<scalar_t>(p); });
+}
+
+const Launchers kCpu{im2col_cpu,         col2im_cpu,        use_direct_cpu,
+                     own_dweight_cpu,    direct_forward_cpu, direct_dinput_cpu,
+                     direct_dweight_cpu, nhwc_forward_cpu,   nhwc_dinput_cpu,
+                     nhwc_dweight_cpu};
 
 }  // namespace
 

@@ -253,8 +253,9 @@ bool own_dweight_cuda(const Geometry&, at::ScalarType) {
   return false;
 }
 
-const Launchers kCuda{im2col_cuda, col2im_cuda, use_direct_cuda, own_dweight_cuda, dw_forward_cuda,
-                      dw_dinput_cuda, dw_dweight_cuda};
+const Launchers kCuda{im2col_cuda,    col2im_cuda,     use_direct_cuda, own_dweight_cuda,
+                      dw_forward_cuda, dw_dinput_cuda, dw_dweight_cuda, nullptr,
+                      nullptr,         nullptr};
 
 }  // namespace
 
