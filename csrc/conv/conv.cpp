@@ -161,14 +161,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
 // nhwc: a depthwise convolution (one output per group) without a shuffle on
 // channels_last input, computed where its tensors lie by the launchers' NHWC
 // kernels (CPU): in the backward for float16 and bfloat16, and in every pass
-// where torch's convolution cannot take it (asymmetric padding). Against
-// oneDNN on the 2-core Xeon with AVX512_BF16/AVX512_FP16 (batch 32,
-// MobileNetV2 / ShuffleNetV2 / EfficientNet depthwise shapes), the NHWC
-// kernels' grad_input took 1/150 to 1x oneDNN's time in bfloat16 (its
-// strided grad_input ran at 31-53 ms) and float16 grad_input and
-// grad_weight 1/180 to 1/2.3; their forward took 1.1-2.3x oneDNN's in
-// bfloat16 (oneDNN's is memory-bound there) and float32 is about even in
-// every pass, so those stay with torch.
+// where torch's convolution cannot take it (asymmetric padding). Speed
+// against oneDNN on the 2-core Xeon with AVX512_BF16/AVX512_FP16 (batch 32,
+// five MobileNetV2 / ShuffleNetV2 depthwise shapes, per pass): bfloat16
+// grad_input 1.2-148x (oneDNN's strided one took 31-53 ms), grad_weight
+// 0.69-1.13x; float16 grad_input 2.3-137x and grad_weight 68-177x (before
+// the span_sum rows); but bfloat16 forward 0.56-1.13x (oneDNN's is
+// memory-bound there, ours not) and float32 0.51-1.66x by pass and shape,
+// so those stay with torch.
 struct Path {
   bool direct = false, platform = false, own_dw = false, nhwc = false;
 };

@@ -681,14 +681,17 @@ void direct_dweight_kernel(const DirectParams& p) {
 // a shuffle, on channels_last (NHWC) tensors read and written where they lie.
 // A pixel's channels are contiguous, so every pass vectorizes over channels,
 // and the index work (which taps fall inside the image) is done once per
-// pixel for all of them: no copy, no padded plane. These replaced torch's
-// convolution for such input (oneDNN here), whose speed depends on the CPU's
-// instruction set: on the 2-core Xeon with AVX512_BF16 and AVX512_FP16
-// (batch 32, 576 channels 14x14, 3x3), its bfloat16 grad_input at stride 2
-// took 46 ms (float32: 1.8) and float16 took 19-137 ms in every backward
-// pass, where the morning's VM without those instructions ran the same
-// bfloat16 layers in a few ms. Channel c's weights are gathered first into
-// wt[t * C + c] (tap t = i * KW + j, the accumulate type).
+// row for the pixels whose taps all lie inside it (span_sum) and once per
+// pixel for the rest (pixel_sum): no copy, no padded plane. conv.cpp's
+// path_of says where they run: the float16/bfloat16 backward, where
+// oneDNN's speed depends on the CPU's instruction set (on the 2-core Xeon
+// with AVX512_BF16 and AVX512_FP16, batch 32, 576 channels 14x14, 3x3: its
+// bfloat16 grad_input at stride 2 took 46 ms, float32 1.8, and float16 took
+// 19-137 ms in every backward pass, where a VM without those instructions
+// had run the same bfloat16 layer's forward+backward in 3-8 ms), and every
+// pass with asymmetric padding, which torch's convolution does not take.
+// Channel c's weights are gathered first into wt[t * C + c] (tap
+// t = i * KW + j, the accumulate type).
 
 template <typename T>
 std::vector<at::opmath_type<T>> taps_by_channel(const T* w, int64_t C, int64_t kk) {
@@ -1045,8 +1048,10 @@ void direct_dweight_cpu(const DirectParams& p) {
 // at 8: at 16 (ResNeXt-50 stage 3, RegNetX group width 16) oneDNN's float32
 // forward and grad_input took 0.85-0.90x the direct kernels' time and its
 // grad_weight 0.45-0.48x; in bfloat16 the direct forward was 1.3-2x faster.
-// The direct kernels compute NCHW: channels_last input goes to torch's
-// convolution where it can, which takes it as it is. Through the direct
+// The direct kernels compute NCHW (the NHWC ones above take channels_last
+// depthwise input where path_of gives it to them): other channels_last
+// input goes to torch's convolution where it can, which takes it as it is.
+// Through the direct
 // kernels (a copy to contiguous and back around each pass), MobileNetV2's
 // depthwise layers took 3-10x oneDNN's channels_last time in every pass
 // (batch 32, float32 and bfloat16; 0.8-1.2x in bfloat16 grad_weight).

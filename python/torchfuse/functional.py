@@ -234,9 +234,14 @@ def conv2d(
     torch's CPU convolution also takes, go to torch. Under autocast every
     operand is cast to the autocast dtype first, as torch's conv2d does. The
     output and grad_input are contiguous, or channels_last for channels_last
-    input (as torch's); on the CPU channels_last input without a shuffle (and
-    with symmetric padding) goes to torch's convolution, which takes that
-    layout as it is; the kernels here compute NCHW, on a contiguous copy.
+    input (as torch's). On the CPU, channels_last input to a depthwise
+    convolution (one output per group) without a shuffle is computed where it
+    lies by NHWC kernels in the float16/bfloat16 backward and wherever the
+    padding is asymmetric (its forward and float32/float64 passes otherwise
+    run torch's convolution); other channels_last input without a shuffle
+    (and with symmetric padding) goes to torch's convolution, which takes
+    that layout as it is; the remaining kernels compute NCHW, on a
+    contiguous copy.
     """
     check.tensor(input, "conv2d", "input")
     check.tensor(weight, "conv2d", "weight")
