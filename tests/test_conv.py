@@ -210,13 +210,16 @@ def test_conv2d_platform_path_is_torchs(device, case, layout):
 # float16 and bfloat16 and in every pass where torch's convolution cannot
 # take it (asymmetric padding). Channel counts below, at and past the
 # kernels' two vector steps (64 float32 / bfloat16 channels, 32 float64),
-# strides, dilations, a 1x7 and an even kernel, a stride past the kernel,
+# strides, dilations, kernels 3, 5 and 7 wide (the weight gradient's
+# register path) and others, an even kernel, a stride past the kernel,
 # padding wider than its reach.
 NHWC = [
     (2, 8, 9, 7, 8, 3, 1, 1, 1, 8, 1),
     (2, 70, 6, 5, 70, 3, 2, 1, 1, 70, 1),
     (1, 37, 7, 6, 37, 3, 1, 2, 2, 37, 1),
     (1, 4, 7, 7, 4, (1, 7), 1, (0, 3), 1, 4, 1),
+    (2, 9, 9, 11, 9, 5, 2, 2, 1, 9, 1),
+    (1, 5, 8, 12, 5, (3, 5), 1, (1, 4), (1, 2), 5, 1),
     (2, 6, 9, 10, 6, (3, 2), (1, 2), 1, (2, 3), 6, 1),
     (2, 4, 7, 8, 4, 4, 1, "same", (1, 3), 4, 1),
     (1, 4, 10, 11, 4, 2, 3, 0, 1, 4, 1),

@@ -164,11 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
 // where torch's convolution cannot take it (asymmetric padding). Speed
 // against oneDNN on the 2-core Xeon with AVX512_BF16/AVX512_FP16 (batch 32,
 // five MobileNetV2 / ShuffleNetV2 depthwise shapes, per pass): bfloat16
-// grad_input 1.2-148x (oneDNN's strided one took 31-53 ms), grad_weight
-// 0.69-1.13x; float16 grad_input 2.3-137x and grad_weight 68-177x (before
-// the span_sum rows); but bfloat16 forward 0.56-1.13x (oneDNN's is
-// memory-bound there, ours not) and float32 0.51-1.66x by pass and shape,
-// so those stay with torch.
+// grad_input 1.2-109x (oneDNN's strided one took 31-53 ms), grad_weight
+// 0.93-1.67x; float16 grad_input 12.6-134x and grad_weight 80-186x; but
+// bfloat16 forward 0.56-1.13x (oneDNN's is memory-bound there, ours not)
+// and float32 0.51-1.66x by pass and shape, so those stay with torch.
 struct Path {
   bool direct = false, platform = false, own_dw = false, nhwc = false;
 };
