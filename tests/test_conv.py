@@ -305,6 +305,29 @@ def test_conv2d_channels_last_depthwise_in_place(dtype):
         assert op not in names, op
 
 
+@pytest.mark.skipif(CUDA_EMU, reason="the emulator runs the CUDA launchers' choice")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_conv2d_low_precision_weight_gradient_path(dtype):
+    """A convolution given to torch's (no shuffle, no direct kernel; groups
+    <= 8): on the CPU its float16 weight gradient is im2col + a float32 GEMM
+    here (oneDNN's took 0.6-32 s on a Xeon with AVX512_FP16), and so is a
+    bfloat16 one on a CPU without AVX512_BF16 (1.3-2.9x faster than
+    oneDNN's there); with AVX512_BF16 it is oneDNN's (0.08-0.6x the time of
+    ours). The GEMM shows as aten::addmm_."""
+    case = (2, 64, 12, 12, 32, 3, 1, 1, 1, 1, 1)
+    x, w, b = _tensors(case, dtype, "cpu")
+    args = _args(case)
+    out = F.conv2d(x, w, b, **args)
+    go = randn(*out.shape, dtype=dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(out, (x, w, b), go)
+    names = {e.name for e in prof.events()}
+    ours = dtype == torch.float16 or not torchfuse.info()["cpu_bf16_instruction"]
+    assert ("aten::addmm_" in names) == ours, sorted(names)
+    assert "aten::convolution_backward" in names  # grad_input: torch's either way
+    _check_case(case, dtype, "cpu")
+
+
 def test_conv2d_unbatched(device):
     x = randn(6, 7, 8, device=device, requires_grad=True)
     w = randn(9, 2, 3, 3, device=device, requires_grad=True)

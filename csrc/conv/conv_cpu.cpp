@@ -1121,10 +1121,10 @@ void direct_dweight_cpu(const DirectParams& p) {
 // The direct kernels compute NCHW (the NHWC ones above take channels_last
 // depthwise input where path_of gives it to them): other channels_last
 // input goes to torch's convolution where it can, which takes it as it is.
-// Through the direct
-// kernels (a copy to contiguous and back around each pass), MobileNetV2's
-// depthwise layers took 3-10x oneDNN's channels_last time in every pass
-// (batch 32, float32 and bfloat16; 0.8-1.2x in bfloat16 grad_weight).
+// Through the direct kernels (a copy to contiguous and back around each
+// pass), MobileNetV2's depthwise layers took 3-10x oneDNN's channels_last
+// time in every pass (batch 32, float32 and bfloat16; 0.8-1.2x in bfloat16
+// grad_weight).
 bool use_direct_cpu(const Geometry& g, at::ScalarType dtype, bool torch_alternative,
                     bool channels_last) {
   if (torch_alternative && channels_last) return false;
@@ -1135,11 +1135,19 @@ bool use_direct_cpu(const Geometry& g, at::ScalarType dtype, bool torch_alternat
 
 // A float16/bfloat16 weight gradient with at most 8 groups: im2col + the
 // float32 GEMM measured 1.3-2.9x faster than oneDNN's bfloat16 one (2-core
-// Xeon; groups 1, 2, 3 and 7: AlexNet, DeepLabv3, DRN, ShuffleNet v1, RegNet
-// shapes), 0.66x at 32 groups (ResNeXt-50 stage 4); float32 was even or
-// slower.
+// Xeon without AVX512_BF16; groups 1, 2, 3 and 7: AlexNet, DeepLabv3, DRN,
+// ShuffleNet v1, RegNet shapes), 0.66x at 32 groups (ResNeXt-50 stage 4);
+// float32 was even or slower. On a Xeon with AVX512_BF16, AVX512_FP16 and
+// AMX, oneDNN's bfloat16 weight gradient took 0.08-0.6x the time of ours at
+// those shapes (DeepLabv3 512@33 dilation 2: 10.8 against 24.2 ms; RegNet
+// 168@28 groups 7, batch 32: 8.3 against 33.6), so bfloat16 stays ours only
+// where the CPU lacks that instruction (cpu::bf16_instruction; oneDNN's
+// bfloat16 kernels for such CPUs need it too). Its float16 weight gradient took 0.6-32 s at any
+// group count, both layouts (DeepLabv3: 7.3 s against our 31 ms; ResNeXt-50
+// stage 3 channels_last: 1.4 s), so float16 is ours at every group count.
 bool own_dweight_cpu(const Geometry& g, at::ScalarType dtype) {
-  return (dtype == at::kHalf || dtype == at::kBFloat16) && g.groups <= 8;
+  return dtype == at::kHalf ||
+      (dtype == at::kBFloat16 && g.groups <= 8 && !cpu::bf16_instruction());
 }
 
 void nhwc_forward_cpu(const DirectParams& p) {

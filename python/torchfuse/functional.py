@@ -229,8 +229,9 @@ def conv2d(
     with at most 8 outputs per group); the rest with a shuffle to fuse (or
     asymmetric padding) is im2col + the platform BLAS / cuBLAS GEMM per group,
     and without one torch's own convolution (oneDNN / cuDNN, faster there;
-    on the CPU a float16/bfloat16 weight gradient with at most 8 groups stays
-    im2col + float32 GEMM, faster than oneDNN's). Integer inputs, which
+    on the CPU a float16 weight gradient, and a bfloat16 one with at most 8
+    groups on a CPU without AVX512_BF16, stays im2col + float32 GEMM, faster
+    than oneDNN's there). Integer inputs, which
     torch's CPU convolution also takes, go to torch. Under autocast every
     operand is cast to the autocast dtype first, as torch's conv2d does. The
     output and grad_input are contiguous, or channels_last for channels_last
