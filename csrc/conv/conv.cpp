@@ -158,13 +158,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(
 // 0.7-1.9x it on dilated float32 convolutions (DeepLabv3, DRN). Empty
 // convolutions stay here. own_dw: the launchers keep the weight gradient of
 // some of those (launch.own_dweight).
-// nhwc: a depthwise convolution (one output per group) without a shuffle on
-// channels_last input, computed where its tensors lie by the launchers' NHWC
-// kernels (CPU): in the backward for float16 and bfloat16, and in every pass
-// where torch's convolution cannot take it (asymmetric padding). Speed
-// against oneDNN on the 2-core Xeon with AVX512_BF16/AVX512_FP16 (batch 32,
-// five MobileNetV2 / ShuffleNetV2 depthwise shapes, per pass): bfloat16
-// grad_input 1.2-109x (oneDNN's strided one took 31-53 ms), grad_weight
+// nhwc (with direct): a depthwise convolution (one output per group) without
+// a shuffle on channels_last input, computed where its tensors lie by the
+// launchers' NHWC kernels (CPU) instead of the NCHW direct ones: in the
+// backward for float16 and bfloat16, and in every pass where torch's
+// convolution cannot take it (asymmetric padding). Speed against oneDNN on
+// the 2-core Xeon with AVX512_BF16/AVX512_FP16 (batch 32, five MobileNetV2 /
+// ShuffleNetV2 depthwise shapes, per pass): bfloat16 grad_input 1.2-109x
+// (oneDNN's strided one took 31-58 ms), grad_weight
 // 0.93-1.67x; float16 grad_input 12.6-134x and grad_weight 80-186x; but
 // bfloat16 forward 0.56-1.13x (oneDNN's is memory-bound there, ours not)
 // and float32 0.51-1.66x by pass and shape, so those stay with torch.
@@ -181,11 +182,20 @@ Path path_of(const Geometry& g, at::ScalarType dtype, at::MemoryFormat fmt,
   p.nhwc = launch.nhwc_forward != nullptr && fmt == at::MemoryFormat::ChannelsLast &&
       g.cin_g() == 1 && g.cout_g() == 1 && g.shuffle == 1 && g.N > 0 && g.Cout > 0 &&
       (!alt || (backward && low));
-  if (p.nhwc) return p;
+  if (p.nhwc) {
+    p.direct = true;
+    return p;
+  }
   p.direct = launch.use_direct(g, dtype, alt, fmt == at::MemoryFormat::ChannelsLast);
   p.platform = alt && !p.direct && g.N > 0 && g.Cout > 0;
   p.own_dw = p.platform && launch.own_dweight(g, dtype);
   return p;
+}
+
+// the layout the path's kernels read and write (the operands are copied to
+// it only where they differ)
+at::MemoryFormat kernel_format(const Path& p) {
+  return p.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // Output rows [a, b) of one group that lie in one shuffle group: they are
@@ -273,20 +283,10 @@ at::Tensor forward(
     return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
                            false, {0, 0}, g.groups).contiguous(fmt);
   }
-  if (path.nhwc) {
-    const auto cl = at::MemoryFormat::ChannelsLast;
-    DirectParams p;
-    p.x = input_.contiguous(cl);
-    p.w = weight_.contiguous();
-    p.bias = bias;
-    p.out = at::empty({g.N, g.Cout, g.OH, g.OW}, input_.options().memory_format(cl));
-    p.g = g;
-    launch.nhwc_forward(p);
-    return p.out;
-  }
-  const at::Tensor input = input_.contiguous();
+  const at::MemoryFormat kfmt = kernel_format(path);
+  const at::Tensor input = input_.contiguous(kfmt);
   const at::Tensor weight = weight_.contiguous();
-  at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options());
+  at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options().memory_format(kfmt));
   if (out.numel() == 0) return out.contiguous(fmt);
 
   if (path.direct) {
@@ -296,7 +296,7 @@ at::Tensor forward(
     p.bias = bias;
     p.out = out;
     p.g = g;
-    launch.direct_forward(p);
+    (path.nhwc ? launch.nhwc_forward : launch.direct_forward)(p);
     return out.contiguous(fmt);
   }
 
@@ -387,28 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
     ours = {false, own_dw};
   }
-  if (path.nhwc && (mask[0] || mask[1])) {
-    const auto cl = at::MemoryFormat::ChannelsLast;
-    DirectParams p;
-    p.x = input_.contiguous(cl);
-    p.w = weight_.contiguous();
-    p.dy = grad_out_.contiguous(cl);
-    p.g = g;
-    if (mask[0]) {
-      p.dx = at::empty(input_.sizes(), input_.options().memory_format(cl));
-      launch.nhwc_dinput(p);
-      gx = p.dx;
-    }
-    if (mask[1]) {
-      gw = at::empty(weight_.sizes(), weight_.options());
-      p.dw = weight_acc(gw, acc);
-      launch.nhwc_dweight(p);
-      if (!p.dw.is_same(gw)) gw.copy_(p.dw);
-    }
-    ours = {false, false};
-  }
+  const at::MemoryFormat kfmt = kernel_format(path);
   if (!gx.defined()) {
-    gx = ours[0] ? at::empty(input_.sizes(), input_.options())
+    gx = ours[0] ? at::empty(input_.sizes(), input_.options().memory_format(kfmt))
                  : at::empty({0}, input_.options());
   }
   if (!gw.defined()) {
@@ -425,9 +406,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     return in_layout(gx, gw, gb, fmt);
   }
   // the kernels' operands (copies only where the layout differs)
-  const at::Tensor input = input_.contiguous();
+  const at::Tensor input = input_.contiguous(kfmt);
   const at::Tensor weight = weight_.contiguous();
-  const at::Tensor dy = grad_out_.contiguous();
+  const at::Tensor dy = grad_out_.contiguous(kfmt);
 
   if (path.direct) {
     DirectParams p;
@@ -437,11 +418,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     p.g = g;
     if (ours[0]) {
       p.dx = gx;
-      launch.direct_dinput(p);
+      (path.nhwc ? launch.nhwc_dinput : launch.direct_dinput)(p);
     }
     if (ours[1]) {
       p.dw = weight_acc(gw, acc);
-      launch.direct_dweight(p);
+      (path.nhwc ? launch.nhwc_dweight : launch.direct_dweight)(p);
       if (!p.dw.is_same(gw)) gw.copy_(p.dw);
     }
     return in_layout(gx, gw, gb, fmt);

@@ -697,7 +697,9 @@ template <typename T>
 std::vector<at::opmath_type<T>> taps_by_channel(const T* w, int64_t C, int64_t kk) {
   std::vector<at::opmath_type<T>> wt(kk * C);
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t t = 0; t < kk; ++t) wt[t * C + c] = static_cast<at::opmath_type<T>>(w[c * kk + t]);
+    for (int64_t t = 0; t < kk; ++t) {
+      wt[t * C + c] = static_cast<at::opmath_type<T>>(w[c * kk + t]);
+    }
   }
   return wt;
 }
@@ -787,11 +789,18 @@ TF_ALWAYS_INLINE void span_sum(const T* src, int64_t s0, int64_t sstep, const in
       IO::store(d0 + dstep + c, a1, b1, n);
     });
   }
-  if (t < count) {
-    std::vector<int64_t> off(rel, rel + m);  // (rare: an odd pixel at the span's end)
-    for (auto& o : off) o += s0 + t * sstep;
-    pixel_sum(src, off.data(), woff, m, wt, init, C, dst + t * dstep);
-  }
+  if (t < count) pixel_sum(src + s0 + t * sstep, rel, woff, m, wt, init, C, dst + t * dstep);
+}
+
+// Outputs [lo, hi) of a row whose column taps all lie inside the image
+// (lo == hi if none): the taps' columns grow with j, so j = 0 and KW - 1
+// bound them.
+inline void inner_columns(const Geometry& g, int64_t& lo, int64_t& hi) {
+  int64_t lo2, hi2;
+  valid_range(-g.pl, g.sw, g.W, g.OW, lo, hi);
+  valid_range((g.KW - 1) * g.dw - g.pl, g.sw, g.W, g.OW, lo2, hi2);
+  lo = std::max(lo, lo2);
+  hi = std::max(lo, std::min(hi, hi2));
 }
 
 // rows (of pixels, each C elements) per parallel task: about 32K elements
@@ -818,12 +827,8 @@ void nhwc_forward_kernel(const DirectParams& p) {
     init.assign(b, b + C);
   }
   const A* bias = init.empty() ? nullptr : init.data();
-  // outputs [olo, ohi) of a row have every column tap inside the image
-  int64_t olo, ohi, lo2, hi2;
-  valid_range(-g.pl, g.sw, g.W, g.OW, olo, ohi);
-  valid_range((g.KW - 1) * g.dw - g.pl, g.sw, g.W, g.OW, lo2, hi2);
-  olo = std::max(olo, lo2);
-  ohi = std::max(olo, std::min(ohi, hi2));
+  int64_t olo, ohi;
+  inner_columns(g, olo, ohi);
   at::parallel_for(0, g.N * g.OH, nhwc_grain(g.OW, C), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> off(kk), woff(kk), rel(kk), rwoff(kk), tapj(kk);
     for (int64_t r = begin; r < end; ++r) {
@@ -839,8 +844,8 @@ void nhwc_forward_kernel(const DirectParams& p) {
         }
       }
       if (olo < ohi) {
-        span_sum(x, (olo * g.sw - g.pl) * C, g.sw * C, rel.data(), rwoff.data(), mr,
-                    wt.data(), bias, C, out + (r * g.OW + olo) * C, C, ohi - olo);
+        span_sum(x, (olo * g.sw - g.pl) * C, g.sw * C, rel.data(), rwoff.data(), mr, wt.data(),
+                 bias, C, out + (r * g.OW + olo) * C, C, ohi - olo);
       }
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         if (ow == olo && olo < ohi) ow = ohi;
@@ -852,8 +857,7 @@ void nhwc_forward_kernel(const DirectParams& p) {
           off[m] = rel[k] + (ow * g.sw - g.pl) * C;
           woff[m++] = rwoff[k];
         }
-        pixel_sum(x, off.data(), woff.data(), m, wt.data(), bias, C,
-                     out + (r * g.OW + ow) * C);
+        pixel_sum(x, off.data(), woff.data(), m, wt.data(), bias, C, out + (r * g.OW + ow) * C);
       }
     }
   });
@@ -878,19 +882,20 @@ void nhwc_dinput_kernel(const DirectParams& p) {
     whi = std::max(wlo, std::min(g.W, g.OW - g.pl));
   }
   at::parallel_for(0, g.N * g.H, nhwc_grain(g.W, C), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> off(kk), woff(kk), rel(kk), rwoff(kk);
+    std::vector<int64_t> off(kk), woff(kk), rel(kk), rwoff(kk), tapj(kk);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.H, h = r % g.H;
-      if (wlo < whi) {
-        int64_t mr = 0;
-        for (int64_t i = 0; i < g.KH; ++i) {
-          int64_t oh;
-          if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
-          for (int64_t j = 0; j < g.KW; ++j) {
-            rel[mr] = ((n * g.OH + oh) * g.OW + g.pl - j * g.dw) * C;
-            rwoff[mr++] = (i * g.KW + j) * C;
-          }
+      int64_t mr = 0;  // the taps of the row's valid dy rows; rel: from column w = 0
+      for (int64_t i = 0; i < g.KH; ++i) {
+        int64_t oh;
+        if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
+        for (int64_t j = 0; j < g.KW; ++j) {
+          rel[mr] = ((n * g.OH + oh) * g.OW + g.pl - j * g.dw) * C;
+          tapj[mr] = j;
+          rwoff[mr++] = (i * g.KW + j) * C;
         }
+      }
+      if (wlo < whi) {
         span_sum(dy, wlo * C, C, rel.data(), rwoff.data(), mr, wt.data(),
                  static_cast<const A*>(nullptr), C, dx + (r * g.W + wlo) * C, C, whi - wlo);
       }
@@ -898,14 +903,12 @@ void nhwc_dinput_kernel(const DirectParams& p) {
         if (w == wlo && wlo < whi) w = whi;
         if (w >= g.W) break;
         int64_t m = 0;
-        for (int64_t i = 0; i < g.KH; ++i) {
-          int64_t oh, ow;
-          if (!output_index(h + g.pt - i * g.dh, g.sh, g.OH, oh)) continue;
-          for (int64_t j = 0; j < g.KW; ++j) {
-            if (!output_index(w + g.pl - j * g.dw, g.sw, g.OW, ow)) continue;
-            off[m] = ((n * g.OH + oh) * g.OW + ow) * C;
-            woff[m++] = (i * g.KW + j) * C;
-          }
+        for (int64_t k = 0; k < mr; ++k) {
+          const int64_t u = w + g.pl - tapj[k] * g.dw;  // ow * sw, if the tap reaches dy
+          int64_t ow;
+          if (!output_index(u, g.sw, g.OW, ow)) continue;
+          off[m] = rel[k] + (ow - u) * C + w * C;
+          woff[m++] = rwoff[k];
         }
         pixel_sum(dy, off.data(), woff.data(), m, wt.data(), static_cast<const A*>(nullptr), C,
                   dx + (r * g.W + w) * C);
@@ -974,15 +977,9 @@ void nhwc_dweight_kernel(const DirectParams& p) {
     per *= 2;
   }
   const int64_t chunks = (rows + per - 1) / per;
-  // outputs [olo, ohi) of a row have every column tap inside the image
+  // outputs [olo, ohi) of a row go through dweight_taps
   int64_t olo = 0, ohi = 0;
-  if (g.KW == 3 || g.KW == 5 || g.KW == 7) {
-    int64_t lo2, hi2;
-    valid_range(-g.pl, g.sw, g.W, g.OW, olo, ohi);
-    valid_range((g.KW - 1) * g.dw - g.pl, g.sw, g.W, g.OW, lo2, hi2);
-    olo = std::max(olo, lo2);
-    ohi = std::max(olo, std::min(ohi, hi2));
-  }
+  if (g.KW == 3 || g.KW == 5 || g.KW == 7) inner_columns(g, olo, ohi);
   const bool inner = olo < ohi;
   std::vector<A> part(chunks * S);
   // Pt[c] += sum over ow in [lo, hi) of dy[ow, c] x[ow * sw + col, c]
@@ -1141,10 +1138,10 @@ bool use_direct_cpu(const Geometry& g, at::ScalarType dtype, bool torch_alternat
 // AMX, oneDNN's bfloat16 weight gradient took 0.08-0.6x the time of ours at
 // those shapes (DeepLabv3 512@33 dilation 2: 10.8 against 24.2 ms; RegNet
 // 168@28 groups 7, batch 32: 8.3 against 33.6), so bfloat16 stays ours only
-// where the CPU lacks that instruction (cpu::bf16_instruction; oneDNN's
-// bfloat16 kernels for such CPUs need it too). Its float16 weight gradient took 0.6-32 s at any
-// group count, both layouts (DeepLabv3: 7.3 s against our 31 ms; ResNeXt-50
-// stage 3 channels_last: 1.4 s), so float16 is ours at every group count.
+// where the CPU lacks that instruction (cpu::bf16_instruction). There its
+// float16 weight gradient took 0.6-32 s at any group count, both layouts
+// (DeepLabv3: 7.3 s against our 31 ms; ResNeXt-50 stage 3 channels_last:
+// 1.4 s), so float16 is ours at every group count.
 bool own_dweight_cpu(const Geometry& g, at::ScalarType dtype) {
   return dtype == at::kHalf ||
       (dtype == at::kBFloat16 && g.groups <= 8 && !cpu::bf16_instruction());
