@@ -599,6 +599,8 @@ def _bad_cases(device):
         ("channels", (x, w, b), dict(groups=3)),
         ("channels", (x, randn(6, 3, 3, 3, device=device), b), dict()),
         ("divisible", (x, randn(5, 2, 3, 3, device=device), None), dict(groups=2)),
+        ("at least", (x, randn(0, 2, 3, 3, device=device), None), dict(groups=2)),
+        ("at least", (x[:, :2], randn(0, 2, 3, 3, device=device), None), dict()),
         ("stride", (x, w, b), dict(groups=2, stride=0)),
         ("stride", (x, w, b), dict(groups=2, stride=(1, 1, 1))),
         ("padding", (x, w, b), dict(groups=2, padding=-1)),
@@ -621,7 +623,7 @@ def _bad_cases(device):
     ]
 
 
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(26))
 def test_bad_input_like_torch(device, case):
     arg, inputs, kw = _bad_cases(device)[case]
     assert_raises_like_torch(lambda: TF.conv2d(*inputs, **kw),

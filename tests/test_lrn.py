@@ -360,14 +360,32 @@ def _bad_lrn(device):
         ("size", lambda f: f(x, -2)),
         ("input", lambda f: f(x[0, 0], 3)),
         ("input", lambda f: f(x.to(torch.int32), 3)),
+        ("input", lambda f: f(x.to(torch.bool), 3)),
+        ("size", lambda f: f(x.to(torch.int64), 0)),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(6))
 def test_lrn_bad_input_like_torch(device, case):
     arg, call = _bad_lrn(device)[case]
     assert_raises_like_torch(lambda: call(TF.local_response_norm),
                              lambda: call(F.local_response_norm), arg)
+
+
+def test_integer_input_as_torch(device):
+    """torch's composite takes int64 input (on CPU: a float result by type
+    promotion); so does ours, through torch's op, with the same result."""
+    x = (randn(2, 5, 4, 4) * 4).to(torch.int64).to(device)
+    try:
+        want = TF.local_response_norm(x, 3, 0.5)
+    except (NotImplementedError, RuntimeError) as e:  # no int64 kernel on this device
+        with pytest.raises(type(e), match="input"):
+            F.local_response_norm(x, 3, 0.5)
+        return
+    got = F.local_response_norm(x, 3, 0.5)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torchfuse.nn.LocalResponseNorm(3, 0.5)(x), want, rtol=0, atol=0)
 
 
 def test_bad_input_types(device):

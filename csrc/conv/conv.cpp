@@ -109,6 +109,11 @@ Geometry geometry(
   }
   g.groups = groups;
   g.shuffle = shuffle;
+  // As torch: at least one output channel per group (a weight of size 0 at
+  // dimension 0 is divisible by groups but rejected).
+  TORCH_CHECK(
+      g.Cout >= groups, kOp, ": given groups=", groups, ", expected weight to be at least ",
+      groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(
       g.Cout % groups == 0, kOp, ": given groups=", groups, ", expected weight to be "
       "divisible by ", groups, " at dimension 0, but got weight of size ", weight.sizes(),

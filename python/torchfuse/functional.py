@@ -339,14 +339,15 @@ def cat_shuffle(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     return call_list("cat_shuffle", tensors, int(groups))
 
 
-def _response_norm_args(fn, input, size, alpha, beta, k):
+def _response_norm_args(fn, input, size, alpha, beta, k, floating=True):
     check.tensor(input, fn, "input")
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"{fn}(): argument 'size' must be int, not {type(size).__name__}")
     check.number(alpha, fn, "alpha")
     check.number(beta, fn, "beta")
     check.number(k, fn, "k")
-    check.floating(input, fn)
+    if floating:
+        check.floating(input, fn)
 
 
 def local_response_norm(
@@ -366,7 +367,21 @@ def local_response_norm(
     output. Computed in float32 (float64 for float64 input) with running window
     sums, so the cost does not depend on ``size``.
     """
-    _response_norm_args("local_response_norm", input, size, alpha, beta, k)
+    _response_norm_args("local_response_norm", input, size, alpha, beta, k, floating=False)
+    if not input.is_floating_point():
+        # torch's composite takes int64 input on CPU (a float result, by type
+        # promotion); the contract is to accept what it accepts, so its own op
+        # decides for every non-float dtype. Where it fails, its exception
+        # type with a message that names the argument.
+        if size <= 0:  # as the op's own check (torch's message names kT)
+            raise RuntimeError("local_response_norm: size (the window) should be greater than "
+                               f"zero, but got size={size}")
+        try:
+            return torch.nn.functional.local_response_norm(input, size, alpha, beta, k)
+        except NotImplementedError as e:  # no kernel for the dtype
+            raise NotImplementedError(
+                f"local_response_norm: \"input\" not implemented for '{input.dtype}' ({e})"
+            ) from e
     if input.dim() < 3:
         raise ValueError(
             "local_response_norm: Expected 3D or higher dimensionality input "
