@@ -22,6 +22,15 @@ inline at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The largest scratch buffer (im2col columns, kept gradients) the kernels
+// size themselves to on CPU: glibc serves blocks below its largest mmap
+// threshold (32 MiB on 64-bit) from its heap, reused call after call; a
+// block at or past it (with the allocator's alignment and glibc's header, a
+// request of exactly 32 MiB is) is mapped afresh at every call and costs a
+// page fault per 4 KiB. 1 MiB below, for margin. (On CUDA, the caching
+// allocator reuses blocks of any size.)
+constexpr int64_t kHeapScratchMax = (int64_t{32} << 20) - (int64_t{1} << 20);
+
 // torch raises NotImplementedError ("... not implemented for 'Int'") when a
 // floating-point op gets an integer tensor; so do we.
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {

@@ -45,7 +45,7 @@ namespace {
 
 constexpr const char* kOp = "conv2d";
 // Bytes of im2col buffer per chunk of samples (at least one sample).
-constexpr int64_t kColBudget = int64_t{32} << 20;
+constexpr int64_t kColBudget = kHeapScratchMax;
 
 std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* arg) {
   TORCH_CHECK(

@@ -34,6 +34,7 @@
 // 0.35 ms against 0.18 for the contiguous kernel's cache-resident one).
 #include "group_norm.h"
 
+#include "../common/checks.h"
 #include "../common/cpu_vec.h"
 
 #include <ATen/Dispatch.h>
@@ -702,10 +703,13 @@ void algebra_cpu(AlgStep s, const AlgView<A>& v) {
 // 1x512x64x64 0.92-1.11 / 1.31-1.93, contiguous 2x4x300x300 (groups past the
 // fused size) 0.23-0.27 / 0.37-0.38. For float32 it came out either way
 // by shape and run (2x640x32x32 and 8x256x56x56 channels_last mostly
-// slower with it): float32 and float64 recompute. Capped at 32 MiB, the
-// largest block glibc reuses from its heap: above it every call would map
-// the scratch afresh, and the page faults made 1x128x512x512 float32 74 ms
-// against 29 without.
+// slower with it): float32 and float64 recompute. Capped at kHeapScratchMax
+// (checks.h): past it every call would map the scratch afresh, and the page
+// faults made 1x128x512x512 float32 74 ms against 29 without. The cap was
+// 32 MiB inclusive, and a scratch of exactly 32 MiB is mapped too:
+// 1x128x256x256 bfloat16 took 12.2 ms (channels_last 16.3) with it against
+// 3.8-4.0 (4.8) without, on the 2-core Xeon, 2026-12-07, glibc's thresholds
+// fixed as bench/run.py does.
 const Launchers kCpu{
     .stats = stats_cpu,
     .pointwise = pointwise_cpu,
@@ -716,7 +720,7 @@ const Launchers kCpu{
     .stat_chunk_cl = kStatChunkCl,
     .cl_per_group = false,
     .reduce_chunk = kReduceChunk,
-    .keep_grad_bytes = int64_t{32} << 20,
+    .keep_grad_bytes = kHeapScratchMax,
     .fused_fwd = fused_fwd_cpu,
     .fused_bwd = fused_bwd_cpu,
     .fused_bytes = int64_t{1} << 19,
