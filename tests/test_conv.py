@@ -367,6 +367,85 @@ def test_conv2d_zero_input_channels(device):
     assert torch.equal(gb, torch.full((6,), 50.0, device=device))
 
 
+# (x shape, weight shape, stride, padding, dilation, groups): kernels one tap
+# high or wide, dilated along that side.
+ONE_TAP_DILATED = [
+    ((1, 4, 17, 1), (3, 4, 1, 1), 3, 2, (1, 2), 1),
+    ((1, 4, 10, 1), (4, 4, 3, 1), (1, 2), (0, 1), (1, 3), 1),
+    ((2, 12, 18, 1), (4, 3, 1, 1), (2, 3), (0, 2), (3, 2), 4),
+    ((2, 6, 9, 7), (6, 1, 1, 3), 1, 1, (4, 2), 6),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv2d_one_tap_side_dilated(device, dtype, layout):
+    """A kernel one tap high (wide) spans one row (column) at any dilation: the
+    op takes that dilation as 1. torch's own float16 convolution (oneDNN, on
+    an AVX512_FP16 CPU) segfaulted on the first three of these shapes, and
+    the op hands such shapes to it. torch's result in the dtype (the
+    low-precision yardstick) is computed with that dilation 1 too."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for xs, ws, stride, padding, dilation, groups in ONE_TAP_DILATED:
+        x = randn(*xs, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        w = randn(*ws, dtype=dtype, device=device)
+        b = randn(ws[0], dtype=dtype, device=device)
+        args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        canonical = dict(args, dilation=tuple(1 if k == 1 else d
+                                              for k, d in zip(ws[2:], dilation)))
+        go = randn(*TF.conv2d(x.double(), w.double(), None, **args).shape, dtype=dtype,
+                   device=device)
+        ours = _run(lambda *t, a=args: F.conv2d(*t, **a), [leaf(t) for t in (x, w, b)], go)
+        ref = _run(lambda *t, a=args: TF.conv2d(*t, **a),
+                   [leaf(t, torch.float64) for t in (x, w, b)], go.double())
+        theirs = [None] * 4
+        if dtype in (torch.float16, torch.bfloat16):
+            theirs = _run(lambda *t, a=canonical: TF.conv2d(*t, **a), [leaf(t) for t in (x, w, b)],
+                          go)
+        for name, o, r, t in zip(("out", "grad_input", "grad_weight", "grad_bias"), ours, ref,
+                                 theirs):
+            assert_close_to_ref(o, r, dtype, t, name=f"{xs} {ws} {args}: {name}")
+
+
+# (x shape, weight shape, stride, padding, dilation, groups, channels_last):
+# shapes torch's CPU convolution (oneDNN) got wrong on the AVX512_BF16 Xeon
+# (see platform_takes in conv.cpp): an output one column wide from a column
+# stride above 1 (garbage in float32 and bfloat16) and an output row whose
+# dilated taps all fall in the padding (a segfault in bfloat16).
+ONEDNN_WRONG = [
+    ((2, 1, 20, 7), (4, 1, 7, 7), (1, 2), (2, 0), (3, 1), 1, True),
+    ((2, 32, 20, 7), (16, 32, 3, 3), (2, 3), (2, 0), (2, 3), 1, True),
+    ((1, 32, 12, 2), (4, 32, 2, 2), (2, 2), (0, 1), (3, 3), 1, False),
+    ((2, 64, 19, 11), (16, 32, 5, 5), (2, 3), 0, (1, 2), 2, False),
+    ((1, 8, 1, 15), (8, 8, 2, 2), (1, 2), (2, 2), (3, 2), 1, True),
+    ((1, 16, 1, 11), (16, 8, 2, 2), (2, 1), (2, 1), (3, 3), 2, True),
+    ((2, 64, 2, 24), (16, 32, 2, 2), (1, 2), (1, 2), (3, 2), 2, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv2d_shapes_onednn_got_wrong(device, dtype):
+    """The op against the float64 reference where torch's own convolution
+    returned garbage or crashed: on CPU tensors such shapes stay with our
+    kernels. The low-precision yardstick is the reference rounded to the
+    dtype (torch's own result there is the defect)."""
+    for xs, ws, stride, padding, dilation, groups, cl in ONEDNN_WRONG:
+        x = randn(*xs, dtype=dtype, device=device)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = randn(*ws, dtype=dtype, device=device)
+        b = randn(ws[0], dtype=dtype, device=device)
+        args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        go = randn(*TF.conv2d(x.double(), w.double(), None, **args).shape, dtype=dtype,
+                   device=device)
+        ours = _run(lambda *t, a=args: F.conv2d(*t, **a), [leaf(t) for t in (x, w, b)], go)
+        ref = _run(lambda *t, a=args: TF.conv2d(*t, **a),
+                   [leaf(t, torch.float64) for t in (x, w, b)], go.double())
+        for name, o, r in zip(("out", "grad_input", "grad_weight", "grad_bias"), ours, ref):
+            rounded = r.to(dtype) if dtype in (torch.float16, torch.bfloat16) else None
+            assert_close_to_ref(o, r, dtype, rounded, name=f"{xs} {ws} {args}: {name}")
+
+
 def test_conv2d_zero_sizes(device):
     for shape, wshape, groups in [((0, 4, 5, 5), (6, 2, 3, 3), 2),
                                   ((0, 4, 5, 5), (4, 1, 3, 3), 4)]:

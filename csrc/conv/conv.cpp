@@ -96,8 +96,16 @@ Geometry geometry(
   g.KW = weight.size(3);
   g.sh = s[0];
   g.sw = s[1];
-  g.dh = d[0];
-  g.dw = d[1];
+  // A kernel one tap high (wide) spans one row (column) at any dilation, so
+  // the dilation along it changes nothing: 1 there. Torch's oneDNN float16
+  // convolution (CPU, 2.14 on an AVX512_FP16 Xeon) segfaults on some 1-tap
+  // kernels with a dilation above 1 along them (e.g. x (1, 4, 17, 1),
+  // weight (3, 4, 1, 1), stride 3, padding 2, dilation (1, 2)). There, of
+  // 750 random float16 convolutions 7 crashed, each with a 1-tap side
+  // dilated; with that dilation made 1, none of 1100 (900 float16, 200
+  // bfloat16; 800 of them forward and backward in both layouts).
+  g.dh = g.KH == 1 ? 1 : d[0];
+  g.dw = g.KW == 1 ? 1 : d[1];
   if (padding.size() == 4) {
     g.pt = padding[0];
     g.pl = padding[1];
@@ -178,11 +186,49 @@ struct Path {
   bool direct = false, platform = false, own_dw = false, nhwc = false;
 };
 
-// fmt: the input's kept_format; backward: for the backward pass.
-Path path_of(const Geometry& g, at::ScalarType dtype, at::MemoryFormat fmt,
+// Along one axis (n input positions, k taps d apart, stride s, p positions
+// of padding before, o outputs): whether some output's taps all fall in the
+// padding. Only the outputs near either end can, so the loop skips from the
+// first output whose taps all lie inside to the last one that does.
+bool padding_only_output(int64_t n, int64_t k, int64_t s, int64_t d, int64_t p, int64_t o) {
+  for (int64_t i = 0; i < o; ++i) {
+    const int64_t first = i * s - p;
+    if (first >= 0 && first + (k - 1) * d < n) {
+      i = std::max(i, (n - 1 + p - (k - 1) * d) / s);  // the last output inside
+      continue;
+    }
+    bool any = false;
+    for (int64_t t = 0; t < k && !any; ++t) any = first + t * d >= 0 && first + t * d < n;
+    if (!any) return true;
+  }
+  return false;
+}
+
+// Whether torch's CPU convolution (oneDNN) is given a shape: torch 2.14 on
+// the 2-core Xeon with AVX512_BF16/AMX got some degenerate ones wrong, which
+// stay with our kernels on CPU tensors. Of 800 random small bfloat16
+// convolutions, 56 gave garbage (errors of 1 to 1e37 times the output's
+// size, or NaN), each with an output one column wide from a column stride
+// above 1 (float32 too, on inputs of one channel, which our kernels take
+// anyway: x (2, 1, 20, 7) channels_last, weight (4, 1, 7, 7), stride (1, 2),
+// padding (2, 0), dilation (3, 1): error 4e22 times the output). And 4
+// segfaulted, each with an output row whose dilated taps all fall in the
+// padding (x (2, 64, 2, 24), weight (16, 32, 2, 2), padding (1, 2),
+// dilation (3, 2), groups 2). The other axis by symmetry, not seen failing.
+bool platform_takes(const Geometry& g) {
+  return !((g.OW == 1 && g.sw > 1) || (g.OH == 1 && g.sh > 1) ||
+           padding_only_output(g.H, g.KH, g.sh, g.dh, g.pt, g.OH) ||
+           padding_only_output(g.W, g.KW, g.sw, g.dw, g.pl, g.OW));
+}
+
+// fmt: the input's kept_format; cpu: the tensors are on the CPU (so torch's
+// convolution is oneDNN: under the CUDA emulator too); backward: for the
+// backward pass.
+Path path_of(const Geometry& g, at::ScalarType dtype, at::MemoryFormat fmt, bool cpu,
              const Launchers& launch, bool backward) {
   Path p;
-  const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0;
+  const bool alt = g.shuffle == 1 && g.pt == g.pb && g.pl == g.pr && g.Cin > 0 &&
+      (!cpu || platform_takes(g));
   const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
   p.nhwc = launch.nhwc_forward != nullptr && fmt == at::MemoryFormat::ChannelsLast &&
       g.cin_g() == 1 && g.cout_g() == 1 && g.shuffle == 1 && g.N > 0 && g.Cout > 0 &&
@@ -283,7 +329,7 @@ at::Tensor forward(
     bias = bias.contiguous();
   }
   const at::MemoryFormat fmt = kept_format(input_);
-  const Path path = path_of(g, input_.scalar_type(), fmt, launch, false);
+  const Path path = path_of(g, input_.scalar_type(), fmt, input_.is_cpu(), launch, false);
   if (path.platform) {
     return at::convolution(input_, weight_, bias, {g.sh, g.sw}, {g.pt, g.pl}, {g.dh, g.dw},
                            false, {0, 0}, g.groups).contiguous(fmt);
@@ -378,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   // what is left to the kernels here
   std::array<bool, 2> ours{mask[0], mask[1]};
   at::Tensor gx, gw;
-  const Path path = path_of(g, input_.scalar_type(), fmt, launch, true);
+  const Path path = path_of(g, input_.scalar_type(), fmt, input_.is_cpu(), launch, true);
   if (path.platform && (mask[0] || mask[1])) {
     // torch's convolution_backward, except the weight gradients the launchers
     // keep (path.own_dw)
