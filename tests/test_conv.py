@@ -377,34 +377,47 @@ ONE_TAP_DILATED = [
 ]
 
 
+def _check_against_torch64(x, ws, args, yardstick):
+    """F.conv2d of x with a weight of shape ws and a bias, out and every
+    gradient against torch's convolution in float64; for float16/bfloat16,
+    yardstick(w, b, go, ref) gives the results whose error sets the
+    tolerance."""
+    dtype, device = x.dtype, x.device
+    w = randn(*ws, dtype=dtype, device=device)
+    b = randn(ws[0], dtype=dtype, device=device)
+    go = randn(*TF.conv2d(x.double(), w.double(), None, **args).shape, dtype=dtype,
+               device=device)
+    ours = _run(lambda *t: F.conv2d(*t, **args), [leaf(t) for t in (x, w, b)], go)
+    ref = _run(lambda *t: TF.conv2d(*t, **args), [leaf(t, torch.float64) for t in (x, w, b)],
+               go.double())
+    theirs = [None] * 4
+    if dtype in (torch.float16, torch.bfloat16):
+        theirs = yardstick(w, b, go, ref)
+    for name, o, r, t in zip(("out", "grad_input", "grad_weight", "grad_bias"), ours, ref,
+                             theirs):
+        assert_close_to_ref(o, r, dtype, t, name=f"{list(x.shape)} {ws} {args}: {name}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conv2d_one_tap_side_dilated(device, dtype, layout):
     """A kernel one tap high (wide) spans one row (column) at any dilation: the
     op takes that dilation as 1. torch's own float16 convolution (oneDNN, on
-    an AVX512_FP16 CPU) segfaulted on the first three of these shapes, and
-    the op hands such shapes to it. torch's result in the dtype (the
+    an AVX512_FP16 CPU) segfaulted on the first three of these shapes (which
+    platform_takes now keeps from it on CPU tensors as well, for their
+    outputs that see only padding). torch's result in the dtype (the
     low-precision yardstick) is computed with that dilation 1 too."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     for xs, ws, stride, padding, dilation, groups in ONE_TAP_DILATED:
         x = randn(*xs, dtype=dtype, device=device).contiguous(memory_format=fmt)
-        w = randn(*ws, dtype=dtype, device=device)
-        b = randn(ws[0], dtype=dtype, device=device)
         args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         canonical = dict(args, dilation=tuple(1 if k == 1 else d
                                               for k, d in zip(ws[2:], dilation)))
-        go = randn(*TF.conv2d(x.double(), w.double(), None, **args).shape, dtype=dtype,
-                   device=device)
-        ours = _run(lambda *t, a=args: F.conv2d(*t, **a), [leaf(t) for t in (x, w, b)], go)
-        ref = _run(lambda *t, a=args: TF.conv2d(*t, **a),
-                   [leaf(t, torch.float64) for t in (x, w, b)], go.double())
-        theirs = [None] * 4
-        if dtype in (torch.float16, torch.bfloat16):
-            theirs = _run(lambda *t, a=canonical: TF.conv2d(*t, **a), [leaf(t) for t in (x, w, b)],
-                          go)
-        for name, o, r, t in zip(("out", "grad_input", "grad_weight", "grad_bias"), ours, ref,
-                                 theirs):
-            assert_close_to_ref(o, r, dtype, t, name=f"{xs} {ws} {args}: {name}")
+
+        def torch_canonical(w, b, go, ref, x=x, canonical=canonical):
+            return _run(lambda *t: TF.conv2d(*t, **canonical), [leaf(t) for t in (x, w, b)], go)
+
+        _check_against_torch64(x, ws, args, torch_canonical)
 
 
 # (x shape, weight shape, stride, padding, dilation, groups, channels_last):
@@ -433,17 +446,9 @@ def test_conv2d_shapes_onednn_got_wrong(device, dtype):
         x = randn(*xs, dtype=dtype, device=device)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        w = randn(*ws, dtype=dtype, device=device)
-        b = randn(ws[0], dtype=dtype, device=device)
         args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-        go = randn(*TF.conv2d(x.double(), w.double(), None, **args).shape, dtype=dtype,
-                   device=device)
-        ours = _run(lambda *t, a=args: F.conv2d(*t, **a), [leaf(t) for t in (x, w, b)], go)
-        ref = _run(lambda *t, a=args: TF.conv2d(*t, **a),
-                   [leaf(t, torch.float64) for t in (x, w, b)], go.double())
-        for name, o, r in zip(("out", "grad_input", "grad_weight", "grad_bias"), ours, ref):
-            rounded = r.to(dtype) if dtype in (torch.float16, torch.bfloat16) else None
-            assert_close_to_ref(o, r, dtype, rounded, name=f"{xs} {ws} {args}: {name}")
+        _check_against_torch64(x, ws, args,
+                               lambda w, b, go, ref: [r.to(dtype) for r in ref])
 
 
 def test_conv2d_zero_sizes(device):

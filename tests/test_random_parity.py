@@ -109,7 +109,9 @@ def gen_group_norm(rng, dtype, device):
 
     def ref(x, w, b):
         y = TF.group_norm(x, G, w, b, eps)
-        return {None: y, "relu": TF.relu(y) if act == "relu" else y, "silu": TF.silu(y)}[act]
+        if act is None:
+            return y
+        return TF.relu(y) if act == "relu" else TF.silu(y)
 
     return Case(f"group_norm {list(x.shape)} groups={G} act={act} eps={eps} "
                 f"weight={w is not None} bias={b is not None}",
@@ -284,15 +286,16 @@ GENERATORS = {
 }
 
 
-def _run(fn, inputs, grads, grad_outs=None):
-    """fn's outputs (a tuple) and, with grad_outs, the gradients of
-    sum(out * grad_out) with respect to the inputs marked in grads."""
+def _run(fn, inputs, grads, grad_outs):
+    """fn's outputs (a tuple) and the gradients of sum(out * grad_out) with
+    respect to the inputs marked in grads; grad_outs: a list, or a function
+    of the outputs that makes it."""
     leaves = [t.detach().clone().requires_grad_(g) if t is not None else None
               for t, g in zip(inputs, grads)]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    if grad_outs is None:
-        return outs, None
+    if callable(grad_outs):
+        grad_outs = grad_outs(outs)
     wrt = [t for t, g in zip(leaves, grads) if g]
     loss = sum((o * go.to(o.dtype)).sum() for o, go in zip(outs, grad_outs))
     return outs, torch.autograd.grad(loss, wrt)
@@ -319,12 +322,16 @@ def test_random_parity(device, op, seed):
         case = GENERATORS[op](rng, dtype, device)
         where = f"{op} seed={seed} case={i} {dtype}: {case.desc}"
         ref_inputs = [t.double() if t is not None else None for t in case.inputs]
-        want, _ = _run(case.ref, ref_inputs, case.grads)
-        # in the outputs' dtype, so that every side's backward starts from the
-        # same values
-        grad_outs = [_randn(rng, *o.shape, dtype=case.out_dtype, device=device).double()
-                     for o in want]
-        want, want_grads = _run(case.ref, ref_inputs, case.grads, grad_outs)
+        grad_outs = []
+
+        def make_grad_outs(outs, case=case, grad_outs=grad_outs):
+            # in the outputs' dtype, so that every side's backward starts
+            # from the same values
+            grad_outs.extend(_randn(rng, *o.shape, dtype=case.out_dtype, device=device).double()
+                             for o in outs)
+            return grad_outs
+
+        want, want_grads = _run(case.ref, ref_inputs, case.grads, make_grad_outs)
         laid_out = [_layout(rng, t) if t is not None else None for t in case.inputs]
         got, got_grads = _run(case.ours, laid_out, case.grads, grad_outs)
         theirs, their_grads = (None, [None] * len(want_grads))
