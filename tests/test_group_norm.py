@@ -152,6 +152,26 @@ def test_channels_last_many_chunks(device, dtype, act):
     _check(device, dtype, (2, 72, 45, 41), 8, "both", act, "channels_last")
 
 
+# channels_last with C below two vector steps: the CPU walks each sample flat
+# with the coefficients tiled; several row chunks, chunks that start mid-step
+# of the tiling (C = 6: 10922 rows of 6 at 65532 elements, C = 24: 2730 rows
+# at 65520), a partial last step.
+SMALL_C_CL = [((2, 6, 150, 150), 3), ((2, 24, 97, 61), 8), ((3, 40, 29, 31), 5)]
+
+
+@pytest.mark.parametrize("shape,groups", SMALL_C_CL, ids=[f"{s}-g{g}" for s, g in SMALL_C_CL])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_channels_last_few_channels(device, dtype, shape, groups, act):
+    _check(device, dtype, shape, groups, "both", act, "channels_last")
+
+
+@pytest.mark.parametrize("act", [None, "silu"], ids=str)
+def test_large_mean_channels_last_few_channels(device, act):
+    _check(device, torch.float32, (2, 6, 150, 150), 3, "both", act, "channels_last",
+           scale=1e-2, shift=1e3)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_more_chunks_than_the_cuda_cap(device, layout):
     # One group of 4.2M elements and 132496 rows: over the CUDA launchers'

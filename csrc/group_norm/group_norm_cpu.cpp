@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <tuple>
 #include <utility>
 #include <type_traits>
@@ -138,6 +139,76 @@ TF_ALWAYS_INLINE void mask_pair(V& a, V& b, int64_t n) {
   b = V::set(V(0), b, std::max<int64_t>(0, n - kSize));
 }
 
+// ---------------------------------------- channels_last, C below two steps
+// Row by row, every row of C channels costs its loop, its coefficient loads
+// and, when C is not a multiple of the step, a masked partial step; for a
+// row shorter than two steps that overhead dominates: 2x4x200x200
+// channels_last took 0.30-0.46 ms forward against 0.06 for contiguous input
+// (float32), 2x8x128x128 0.14 ms against 0.05, slower than eager. Such
+// samples are walked flat instead, in full steps, with the coefficients (and
+// the per-channel accumulators) laid out with a period Pa: a multiple of
+// lcm(C, step) and of at least 4 steps, so that an accumulator slot is not
+// reused by the very next step. The element at flat offset o of a sample has
+// channel (o % Pa) % C. Only the last step of a flat range is partial.
+// Measured on the 2-core Xeon, 2026-12-08, flat against row, forward and
+// forward+backward, float32 and bfloat16:
+//   C = 4, 8 (Pa 128; row and flat builds in alternating processes):
+//     2.2-7.4x faster (2x4x200x200 float32 SiLU forward+backward 2.9-3.1
+//     -> 0.57-0.64 ms);
+//   and from here on both paths alternated in one process, 7 rounds,
+//   medians:
+//   Pa 128-224 (C = 16, 24, 28, 40): 1.01-2.0x, but C = 48 0.74-1.32x;
+//   Pa 288-480 (C = 9, 15, 18, 22, 36, 44, 60): 0.91-2.2x, mostly faster;
+//   Pa 800-992 (C = 31, 62, 100, 200): 0.66-1.07x, mostly slower (the
+//     patterns, NP of them, outgrow L1 beside the data).
+// Hence C < 2 steps and Pa <= kMaxPeriod.
+constexpr int64_t kMaxPeriod = 512;
+
+template <int64_t kS>
+int64_t flat_period(int64_t C) {
+  if (C % kS == 0 || C >= 2 * kS) return 0;
+  const int64_t P = std::lcm(C, kS);
+  const int64_t Pa = P * ((4 * kS + P - 1) / P);
+  return Pa <= kMaxPeriod ? Pa : 0;
+}
+
+// dst[q] = v[q % C] for q in [0, len).
+template <typename A>
+void tile_channels(const A* v, int64_t C, A* dst, int64_t len) {
+  for (int64_t q = 0; q < len; ++q) dst[q] = v[q % C];
+}
+
+// f(o, count, phase) over the flat offsets [o0, o1) of one sample in steps of
+// kS (the last one partial), phase = o % Pa. A window [phase, phase + kS)
+// lies within [0, Pa + kS): patterns and accumulators have Pa + kS slots.
+template <int64_t kS, typename F>
+TF_ALWAYS_INLINE void for_each_phase_step(int64_t o0, int64_t o1, int64_t Pa, const F& f) {
+  int64_t ph = o0 % Pa;
+  for_each_step<kS>(o1 - o0, [&](int64_t j, int64_t c) TF_INLINE_LAMBDA {
+    f(o0 + j, c, ph);
+    ph += kS;
+    if (ph >= Pa) ph -= Pa;
+  });
+}
+
+// acc[ph .. ph + c) += (a, b), the first c lanes.
+template <typename A>
+TF_ALWAYS_INLINE void add_at(A* acc, int64_t c, const at::vec::Vectorized<A>& a,
+                             const at::vec::Vectorized<A>& b) {
+  at::vec::Vectorized<A> u, v;
+  AccIO<A>::load(acc, c, u, v);
+  AccIO<A>::store(acc, u + a, v + b, c);
+}
+
+// Per-channel sums out[0 .. C) from phase accumulators acc[0 .. Pa + kS)
+// (the wrapped tail folded onto the head first), in a fixed order.
+template <typename A>
+void fold_phases(A* acc, int64_t Pa, int64_t kS, int64_t C, A* out) {
+  for (int64_t q = 0; q < kS; ++q) acc[q] += acc[Pa + q];
+  std::fill(out, out + C, A(0));
+  for (int64_t q = 0; q < Pa; ++q) out[q % C] += acc[q];
+}
+
 // ------------------------------------------------------------- statistics
 // Two-pass centred statistics of cnt contiguous elements (cache-resident for
 // the second pass): (mean, sum of squared deviations), in float64.
@@ -172,6 +243,75 @@ std::pair<double, double> chunk_stats(const T* base, int64_t cnt) {
   return {static_cast<double>(m0) + sd / n, static_cast<double>(reduce_sum(q0 + q1)) - sd * sd / n};
 }
 
+// Adds (a, b) - (ma, mb) to the sums (u, v) and its squares to (p, q).
+template <typename V>
+TF_ALWAYS_INLINE void add_centred(V a, V b, const V& ma, const V& mb, V& u, V& v, V& p, V& q) {
+  a = a - ma;
+  b = b - mb;
+  u = u + a;
+  v = v + b;
+  p = at::vec::fmadd(a, a, p);
+  q = at::vec::fmadd(b, b, q);
+}
+
+// Statistics sums over the flat offsets [o0, o1) of one channels_last sample
+// xs, into phase accumulators fa (3 arrays of W = Pa + kS): !CENTRED:
+// fa[0] += x; CENTRED: fa[1] += x - m, fa[2] += (x - m)^2 with m = fa[0],
+// the channels' rough means tiled. Whole periods go in blocks of kRows with
+// the sums in registers, as the row path's blocks (accumulating every step
+// in L1 instead made the float32 forward 1.4-1.9x slower on L2-resident
+// input); the partial periods at either end step by step.
+template <typename T, bool CENTRED>
+void flat_stat_sums(const T* xs, int64_t o0, int64_t o1, int64_t Pa, typename VecIO<T>::A* fa) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::AVec;
+  constexpr int64_t kS = IO::kStep;
+  const int64_t W = Pa + kS;
+  auto step = [&](int64_t o, int64_t c, int64_t ph) TF_INLINE_LAMBDA {
+    V a, b;
+    IO::load(xs + o, c, a, b);
+    if constexpr (CENTRED) {
+      V ma, mb;
+      AccIO<A>::load(fa + ph, kS, ma, mb);
+      a = a - ma;
+      b = b - mb;
+      add_at(fa + W + ph, c, a, b);
+      add_at(fa + 2 * W + ph, c, a * a, b * b);
+    } else {
+      add_at(fa + ph, c, a, b);
+    }
+  };
+  const int64_t h = std::min(o1, (o0 + Pa - 1) / Pa * Pa), e = std::max(h, o1 / Pa * Pa);
+  for_each_phase_step<kS>(o0, h, Pa, step);
+  // Periods per block: kRows, fewer for long periods (a block within L1).
+  const int64_t bp = std::clamp<int64_t>(4096 / Pa, 2, kRows);
+  for (int64_t pa = h; pa < e; pa += bp * Pa) {
+    const int64_t pb = std::min(e, pa + bp * Pa);
+    for (int64_t j = 0; j < Pa; j += kS) {
+      V a, b, u(0), v(0);
+      if constexpr (CENTRED) {
+        V ma, mb, p(0), q(0);
+        AccIO<A>::load(fa + j, kS, ma, mb);
+        for (int64_t o = pa + j; o < pb; o += Pa) {
+          IO::load(xs + o, a, b);
+          add_centred(a, b, ma, mb, u, v, p, q);
+        }
+        add_at(fa + W + j, kS, u, v);
+        add_at(fa + 2 * W + j, kS, p, q);
+      } else {
+        for (int64_t o = pa + j; o < pb; o += Pa) {
+          IO::load(xs + o, a, b);
+          u = u + a;
+          v = v + b;
+        }
+        add_at(fa + j, kS, u, v);
+      }
+    }
+  }
+  for_each_phase_step<kS>(e, o1, Pa, step);
+}
+
 template <typename T>
 void stats_kernel(const StatsParams& sp) {
   using IO = VecIO<T>;
@@ -204,14 +344,21 @@ void stats_kernel(const StatsParams& sp) {
   }
 
   const int64_t C = g.C, D = g.D, G = g.G, S = g.S, R = sp.R;
+  const int64_t Pa = flat_period<kS>(C), W = Pa + kS;
   at::parallel_for(0, g.N * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(C), mv(C), s1(C), s2(C), m0(G);
+    std::vector<A> fa(Pa > 0 ? 3 * W : 0);  // flat: sums, deviations, squares
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / K, k = t % K;
       const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
       const T* xs = x + n * S * C;
       std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t ra = r0; ra < r1; ra += kRows) {
+      if (Pa > 0) {
+        std::fill(fa.begin(), fa.begin() + W, A(0));
+        flat_stat_sums<T, false>(xs, r0 * C, r1 * C, Pa, fa.data());
+        fold_phases(fa.data(), Pa, kS, C, acc.data());
+      }
+      for (int64_t ra = r0; ra < (Pa > 0 ? r0 : r1); ra += kRows) {
         const int64_t rb = std::min(r1, ra + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V a, b, u(0), v(0), su, sv;
@@ -233,19 +380,22 @@ void stats_kernel(const StatsParams& sp) {
       }
       std::fill(s1.begin(), s1.end(), A(0));
       std::fill(s2.begin(), s2.end(), A(0));
-      for (int64_t ra = r0; ra < r1; ra += kRows) {
+      if (Pa > 0) {
+        A* mp = fa.data();  // the first pass's sums are folded: reuse for the means
+        tile_channels(mv.data(), C, mp, W);
+        std::fill(fa.begin() + W, fa.end(), A(0));
+        flat_stat_sums<T, true>(xs, r0 * C, r1 * C, Pa, mp);
+        fold_phases(mp + W, Pa, kS, C, s1.data());
+        fold_phases(mp + 2 * W, Pa, kS, C, s2.data());
+      }
+      for (int64_t ra = r0; ra < (Pa > 0 ? r0 : r1); ra += kRows) {
         const int64_t rb = std::min(r1, ra + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V a, b, ma, mb, u(0), v(0), p(0), q(0), su, sv;
           AccIO<A>::load(mv.data() + c0, c, ma, mb);
           for (int64_t r = ra; r < rb; ++r) {
             IO::load(xs + r * C + c0, c, a, b);
-            a = a - ma;
-            b = b - mb;
-            u = u + a;
-            v = v + b;
-            p = at::vec::fmadd(a, a, p);
-            q = at::vec::fmadd(b, b, q);
+            add_centred(a, b, ma, mb, u, v, p, q);
           }
           AccIO<A>::load(s1.data() + c0, c, su, sv);
           AccIO<A>::store(s1.data() + c0, su + u, sv + v, c);
@@ -416,6 +566,27 @@ void pointwise_kernel(const PointwiseParams& pp) {
   // alternating processes, 2x320x64x64 float32 1.10 -> 0.78 ms, 8x256x56x56
   // bfloat16 with SiLU 4.17 -> 3.09 ms (no case slower beyond the VM's
   // noise).
+  if (const int64_t Pa = flat_period<kS>(C); Pa > 0) {
+    const int64_t SC = S * C, nb = (SC + kBlock - 1) / kBlock, W = Pa + kS;
+    at::parallel_for(0, g.N * nb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> pat(NP * W);
+      int64_t tiled = -1;  // the sample whose coefficients pat holds
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / nb, o0 = (t % nb) * kBlock;
+        if (n != tiled) {
+          for (int i = 0; i < NP; ++i) tile_channels(prm + i * NC + n * C, C, &pat[i * W], W);
+          tiled = n;
+        }
+        for_each_phase_step<kS>(o0, std::min(SC, o0 + kBlock), Pa,
+                                [&](int64_t o, int64_t c, int64_t ph) TF_INLINE_LAMBDA {
+          V p0[NP], p1[NP];
+          for (int i = 0; i < NP; ++i) AccIO<A>::load(&pat[i * W + ph], kS, p0[i], p1[i]);
+          step(n * SC + o, c, p0, p1);
+        });
+      }
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(kRows, kBlock / C);
   at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -470,8 +641,25 @@ void reduce_kernel(const ReduceParams& rp) {
     return;
   }
 
+  // One step of c elements at flat offset off of x (dy, kept): the MODE's sums
+  // added to sums[q * stride .. + c) for each q.
+  auto sum_step = [&](int64_t off, int64_t c, const V* p0, const V* p1, A* sums,
+                      int64_t stride) TF_INLINE_LAMBDA {
+    V x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+    IO::load(x + off, c, x0, x1);
+    if constexpr (kDy) IO::load(dy + off, c, d0, d1);
+    reduce_op<MODE, ACT>(x0, d0, p0, q0);
+    reduce_op<MODE, ACT>(x1, d1, p1, q1);
+    if constexpr (kDy) {
+      if (kp != nullptr) AccIO<A>::store(kp + off, q0[0], q1[0], c);
+    }
+    for (int q = 0; q < NQ; ++q) add_at(sums + q * stride, c, q0[q], q1[q]);
+  };
+  const int64_t Pa = flat_period<kS>(C), W = Pa + kS;
   at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(NQ * C);
+    std::vector<A> pat(Pa > 0 ? (NP + NQ) * W : 0);  // flat: coefficients, then sums
+    int64_t tiled = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / K, k = t % K;
       const A* pn = prm + n * C;
@@ -481,31 +669,35 @@ void reduce_kernel(const ReduceParams& rp) {
         skip = std::all_of(pn + NC, pn + NC + C, [](A v) { return v == A(0); });
       }
       const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
-      // Row by row, in memory order, the sums in acc (L1). Measured on the
+      if (Pa > 0 && s1 > s0) {
+        if (n != tiled) {
+          for (int i = 0; i < NP; ++i) tile_channels(pn + i * NC, C, &pat[i * W], W);
+          tiled = n;
+        }
+        A* fs = &pat[NP * W];
+        std::fill(fs, fs + NQ * W, A(0));
+        const int64_t base = n * S * C;
+        for_each_phase_step<kS>(s0 * C, s1 * C, Pa, [&](int64_t o, int64_t c, int64_t ph)
+                                                      TF_INLINE_LAMBDA {
+          V p0[NP], p1[NP];
+          for (int i = 0; i < NP; ++i) AccIO<A>::load(&pat[i * W + ph], kS, p0[i], p1[i]);
+          sum_step(base + o, c, p0, p1, fs + ph, W);
+        });
+        for (int q = 0; q < NQ; ++q) fold_phases(fs + q * W, Pa, kS, C, &acc[q * C]);
+      }
+      // Otherwise row by row, in memory order, the sums in acc (L1). Measured on the
       // 2-core EPYC, both variants interleaved in one process, backward:
       // 0.96-1.53x the speed of blocks of 16 rows swept channel step by
       // channel step with the sums in registers (8x256x56x56 bfloat16
       // 5.7 -> 4.5 ms, 2x320x64x64 float32 2.6 -> 1.8 ms, while the VM ran
       // slow). The statistics kernel keeps its 16-row blocks: there row by
       // row was 1.15-1.55x slower.
-      for (int64_t s = s0; s < s1; ++s) {
+      for (int64_t s = s0; s < (Pa > 0 ? s0 : s1); ++s) {
         const int64_t row = (n * S + s) * C;
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
-          V p0[NP], p1[NP], x0, x1, d0(0), d1(0), q0[NQ], q1[NQ];
+          V p0[NP], p1[NP];
           for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
-          IO::load(x + row + c0, c, x0, x1);
-          if constexpr (kDy) IO::load(dy + row + c0, c, d0, d1);
-          reduce_op<MODE, ACT>(x0, d0, p0, q0);
-          reduce_op<MODE, ACT>(x1, d1, p1, q1);
-          if constexpr (kDy) {
-            if (kp != nullptr) AccIO<A>::store(kp + row + c0, q0[0], q1[0], c);
-          }
-          for (int q = 0; q < NQ; ++q) {
-            V u, v;
-            A* a = acc.data() + q * C + c0;
-            AccIO<A>::load(a, c, u, v);
-            AccIO<A>::store(a, u + q0[q], v + q1[q], c);
-          }
+          sum_step(row + c0, c, p0, p1, acc.data() + c0, C);
         });
       }
       if constexpr (MODE == Mode::kCorrect) {
