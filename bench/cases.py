@@ -301,7 +301,8 @@ def lrn_cases() -> list[Case]:
 
 # --------------------------------------------------- L2 / cosine normalization
 # SSD300's conv4_3 L2Norm (N x 512 x 38 x 38, scale 20), embedding
-# normalization along the last dim, and a cosine classifier head.
+# normalization along the last dim, 3-vectors (surface normals, directions:
+# rows far shorter than a vector step), and a cosine classifier head.
 SSD_BATCHES = (1, 8, 32)
 
 
@@ -363,13 +364,14 @@ def l2_norm_cases() -> list[Case]:
                 torchfuse=_tf_l2, eager=_eager_l2, grad_inputs=("x", "weight"),
                 bytes_fwd=2 * nb, bytes_bwd=3 * nb,  # read x, write out | read dy, x; write dx
             ))
-        nb = 65536 * 768 * _size(dtype)
-        cases.append(Case(
-            op="normalize", name="embeddings 65536x768 dim=-1", dtype=dtype,
-            make_inputs=_l2_inputs((65536, 768), 0),
-            torchfuse=_tf_normalize, eager=_eager_normalize, grad_inputs=("x",),
-            bytes_fwd=2 * nb, bytes_bwd=3 * nb,
-        ))
+        for label, (rows, d) in (("embeddings", (65536, 768)), ("3-vectors", (1048576, 3))):
+            nb = rows * d * _size(dtype)
+            cases.append(Case(
+                op="normalize", name=f"{label} {rows}x{d} dim=-1", dtype=dtype,
+                make_inputs=_l2_inputs((rows, d), 0),
+                torchfuse=_tf_normalize, eager=_eager_normalize, grad_inputs=("x",),
+                bytes_fwd=2 * nb, bytes_bwd=3 * nb,
+            ))
     M, K, N_OUT = 256, 512, 10000
     sz = _size(torch.float32)
     cases.append(Case(

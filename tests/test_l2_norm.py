@@ -39,6 +39,12 @@ L2_SHAPES = [
     ((3, 4, 130), 0),  # dim 0, inner 520: full blocks and a tail
     ((1, 512, 38, 38), 1),  # SSD conv4_3 at batch 1
     ((1, 100000, 2), 1),  # long columns, inner 2: many channel splits on CUDA
+    # rows of 1-4 elements (3-vectors, quaternions): the CPU's short-row path
+    ((1000, 3), -1),
+    ((2, 50, 4), -1),
+    ((33, 2), 1),
+    ((7, 1), -1),
+    ((40, 8), -1),
 ]
 L2_IDS = [f"{s}-d{d}" for s, d in L2_SHAPES]
 
@@ -154,7 +160,8 @@ def test_layouts(device, layout):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
-@pytest.mark.parametrize("shape,dim", [((3, 8, 5), 1), ((4, 40), -1)], ids=["col", "row"])
+@pytest.mark.parametrize("shape,dim", [((3, 8, 5), 1), ((4, 40), -1), ((5, 3), -1)],
+                         ids=["col", "row", "short-row"])
 def test_zero_vectors(device, dtype, shape, dim):
     # A zero vector gives zeros, never NaN, in every dtype (in float16 torch's
     # own eps=1e-12 rounds to zero, so F.normalize itself gives 0/0 there).
