@@ -6,7 +6,9 @@
 // passes per plane chunk with the channel's coefficients broadcast.
 // channels_last input: rows of C channels; statistics and per-channel sums
 // per chunk of rows of one sample (all groups at once, with per-channel
-// accumulators), elementwise passes row by row with coefficient vectors.
+// accumulators), elementwise passes row by row with coefficient vectors;
+// rows shorter than two vector steps are walked flat, with the coefficients
+// and accumulators tiled (flat_period).
 // Every chunking is a function of the shape only, and partial results are
 // combined in a fixed order: results do not depend on the thread count.
 //
@@ -351,6 +353,7 @@ void stats_kernel(const StatsParams& sp) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / K, k = t % K;
       const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
+      const int64_t row_end = Pa > 0 ? r0 : r1;  // the row path's rows: none when flat
       const T* xs = x + n * S * C;
       std::fill(acc.begin(), acc.end(), A(0));
       if (Pa > 0) {
@@ -358,7 +361,7 @@ void stats_kernel(const StatsParams& sp) {
         flat_stat_sums<T, false>(xs, r0 * C, r1 * C, Pa, fa.data());
         fold_phases(fa.data(), Pa, kS, C, acc.data());
       }
-      for (int64_t ra = r0; ra < (Pa > 0 ? r0 : r1); ra += kRows) {
+      for (int64_t ra = r0; ra < row_end; ra += kRows) {
         const int64_t rb = std::min(r1, ra + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V a, b, u(0), v(0), su, sv;
@@ -388,7 +391,7 @@ void stats_kernel(const StatsParams& sp) {
         fold_phases(mp + W, Pa, kS, C, s1.data());
         fold_phases(mp + 2 * W, Pa, kS, C, s2.data());
       }
-      for (int64_t ra = r0; ra < (Pa > 0 ? r0 : r1); ra += kRows) {
+      for (int64_t ra = r0; ra < row_end; ra += kRows) {
         const int64_t rb = std::min(r1, ra + kRows);
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V a, b, ma, mb, u(0), v(0), p(0), q(0), su, sv;
@@ -558,14 +561,7 @@ void pointwise_kernel(const PointwiseParams& pp) {
     });
     return;
   }
-  // Row by row, in memory order; each step reloads its coefficients (L1
-  // hits), rather than blocks of 16 rows swept channel step by channel step
-  // with the coefficients in registers. With the per-channel sums below made
-  // the same way and the elementwise helpers forced inline, the
-  // channels_last backward on the 2-core EPYC went, best of three
-  // alternating processes, 2x320x64x64 float32 1.10 -> 0.78 ms, 8x256x56x56
-  // bfloat16 with SiLU 4.17 -> 3.09 ms (no case slower beyond the VM's
-  // noise).
+  // channels_last with C below two steps: flat (see flat_period).
   if (const int64_t Pa = flat_period<kS>(C); Pa > 0) {
     const int64_t SC = S * C, nb = (SC + kBlock - 1) / kBlock, W = Pa + kS;
     at::parallel_for(0, g.N * nb, 1, [&](int64_t begin, int64_t end) {
@@ -587,6 +583,14 @@ void pointwise_kernel(const PointwiseParams& pp) {
     });
     return;
   }
+  // Row by row, in memory order; each step reloads its coefficients (L1
+  // hits), rather than blocks of 16 rows swept channel step by channel step
+  // with the coefficients in registers. With the per-channel sums below made
+  // the same way and the elementwise helpers forced inline, the
+  // channels_last backward on the 2-core EPYC went, best of three
+  // alternating processes, 2x320x64x64 float32 1.10 -> 0.78 ms, 8x256x56x56
+  // bfloat16 with SiLU 4.17 -> 3.09 ms (no case slower beyond the VM's
+  // noise).
   const int64_t grain = std::max<int64_t>(kRows, kBlock / C);
   at::parallel_for(0, g.N * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -669,6 +673,7 @@ void reduce_kernel(const ReduceParams& rp) {
         skip = std::all_of(pn + NC, pn + NC + C, [](A v) { return v == A(0); });
       }
       const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
+      const int64_t row_end = Pa > 0 ? s0 : s1;  // the row path's rows: none when flat
       if (Pa > 0 && s1 > s0) {
         if (n != tiled) {
           for (int i = 0; i < NP; ++i) tile_channels(pn + i * NC, C, &pat[i * W], W);
@@ -692,7 +697,7 @@ void reduce_kernel(const ReduceParams& rp) {
       // 5.7 -> 4.5 ms, 2x320x64x64 float32 2.6 -> 1.8 ms, while the VM ran
       // slow). The statistics kernel keeps its 16-row blocks: there row by
       // row was 1.15-1.55x slower.
-      for (int64_t s = s0; s < (Pa > 0 ? s0 : s1); ++s) {
+      for (int64_t s = s0; s < row_end; ++s) {
         const int64_t row = (n * S + s) * C;
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V p0[NP], p1[NP];
