@@ -144,9 +144,10 @@ TF_ALWAYS_INLINE void mask_pair(V& a, V& b, int64_t n) {
 // ---------------------------------------- channels_last, C below two steps
 // Row by row, every row of C channels costs its loop, its coefficient loads
 // and, when C is not a multiple of the step, a masked partial step; for a
-// row shorter than two steps that overhead dominates: 2x4x200x200
-// channels_last took 0.30-0.46 ms forward against 0.06 for contiguous input
-// (float32), 2x8x128x128 0.14 ms against 0.05, slower than eager. Such
+// row shorter than two steps that overhead dominates: float32 forward,
+// 2x4x200x200 channels_last 0.30-0.46 ms against 0.06-0.07 for contiguous
+// input with SiLU; with SiLU, 2x8x128x128 0.26-0.33 ms against 0.05
+// contiguous and eager's 0.17-0.19. Such
 // samples are walked flat instead, in full steps, with the coefficients (and
 // the per-channel accumulators) laid out with a period Pa: a multiple of
 // lcm(C, step) and of at least 4 steps, so that an accumulator slot is not
@@ -155,14 +156,14 @@ TF_ALWAYS_INLINE void mask_pair(V& a, V& b, int64_t n) {
 // Measured on the 2-core Xeon, 2026-12-08, flat against row, forward and
 // forward+backward, float32 and bfloat16:
 //   C = 4, 8 (Pa 128; row and flat builds in alternating processes):
-//     2.2-7.4x faster (2x4x200x200 float32 SiLU forward+backward 2.9-3.1
+//     2.2-8.7x faster (2x4x200x200 float32 SiLU forward+backward 2.9-3.1
 //     -> 0.57-0.64 ms);
 //   and from here on both paths alternated in one process, 7 rounds,
 //   medians:
 //   Pa 128-224 (C = 16, 24, 28, 40): 1.01-2.0x, but C = 48 0.74-1.32x;
 //   Pa 288-480 (C = 9, 15, 18, 22, 36, 44, 60): 0.91-2.2x, mostly faster;
-//   Pa 800-992 (C = 31, 62, 100, 200): 0.66-1.07x, mostly slower (the
-//     patterns, NP of them, outgrow L1 beside the data).
+//   Pa 800-992 (C = 31, 62, 100, 200): 0.66-1.07x, mostly slower
+//     (probably the patterns, NP of them, crowding L1; not measured).
 // Hence C < 2 steps and Pa <= kMaxPeriod.
 constexpr int64_t kMaxPeriod = 512;
 
@@ -210,6 +211,36 @@ void fold_phases(A* acc, int64_t Pa, int64_t kS, int64_t C, A* out) {
   std::fill(out, out + C, A(0));
   for (int64_t q = 0; q < Pa; ++q) out[q % C] += acc[q];
 }
+
+// p0[i], p1[i] = the c coefficients at base + i * stride, for i < NP: one
+// row step's (row path: base = sample's params + c0, stride N * C) or one
+// flat step's (TiledCoefs).
+template <int NP, typename A>
+TF_ALWAYS_INLINE void load_coefs(const A* base, int64_t stride, int64_t c,
+                                 at::vec::Vectorized<A>* p0, at::vec::Vectorized<A>* p1) {
+  for (int i = 0; i < NP; ++i) AccIO<A>::load(base + i * stride, c, p0[i], p1[i]);
+}
+
+// The flat walk's coefficients: the NP per-channel arrays of one sample
+// (params (NP, N, C)) tiled over W = Pa + kS slots each, tiled again only
+// when the sample changes.
+template <typename A, int NP>
+struct TiledCoefs {
+  int64_t W;
+  std::vector<A> pat;
+  int64_t sample = -1;
+  TiledCoefs(int64_t Pa, int64_t kS) : W(Pa + kS), pat(Pa > 0 ? NP * W : 0) {}
+  void set(const A* prm, int64_t NC, int64_t C, int64_t n) {
+    if (n == sample) return;
+    for (int i = 0; i < NP; ++i) tile_channels(prm + i * NC + n * C, C, &pat[i * W], W);
+    sample = n;
+  }
+  // One full step at phase ph.
+  TF_ALWAYS_INLINE void load(int64_t ph, at::vec::Vectorized<A>* p0,
+                             at::vec::Vectorized<A>* p1) const {
+    load_coefs<NP>(pat.data() + ph, W, 2 * at::vec::Vectorized<A>::size(), p0, p1);
+  }
+};
 
 // ------------------------------------------------------------- statistics
 // Two-pass centred statistics of cnt contiguous elements (cache-resident for
@@ -260,9 +291,11 @@ TF_ALWAYS_INLINE void add_centred(V a, V b, const V& ma, const V& mb, V& u, V& v
 // xs, into phase accumulators fa (3 arrays of W = Pa + kS): !CENTRED:
 // fa[0] += x; CENTRED: fa[1] += x - m, fa[2] += (x - m)^2 with m = fa[0],
 // the channels' rough means tiled. Whole periods go in blocks of kRows with
-// the sums in registers, as the row path's blocks (accumulating every step
-// in L1 instead made the float32 forward 1.4-1.9x slower on L2-resident
-// input); the partial periods at either end step by step.
+// the sums in registers, as the row path's blocks; the partial periods at
+// either end step by step. (A first version accumulated every step in L1:
+// float32 forward without activation 1.5-2.0x slower than the row path at
+// 4x16x64x64 and 2x48x64x64; with the blocks 4x16x64x64 is 1.27x faster than
+// the row path, 2x48x64x64 still 0.74x.)
 template <typename T, bool CENTRED>
 void flat_stat_sums(const T* xs, int64_t o0, int64_t o1, int64_t Pa, typename VecIO<T>::A* fa) {
   using IO = VecIO<T>;
@@ -563,20 +596,16 @@ void pointwise_kernel(const PointwiseParams& pp) {
   }
   // channels_last with C below two steps: flat (see flat_period).
   if (const int64_t Pa = flat_period<kS>(C); Pa > 0) {
-    const int64_t SC = S * C, nb = (SC + kBlock - 1) / kBlock, W = Pa + kS;
+    const int64_t SC = S * C, nb = (SC + kBlock - 1) / kBlock;
     at::parallel_for(0, g.N * nb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> pat(NP * W);
-      int64_t tiled = -1;  // the sample whose coefficients pat holds
+      TiledCoefs<A, NP> tc(Pa, kS);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / nb, o0 = (t % nb) * kBlock;
-        if (n != tiled) {
-          for (int i = 0; i < NP; ++i) tile_channels(prm + i * NC + n * C, C, &pat[i * W], W);
-          tiled = n;
-        }
+        tc.set(prm, NC, C, n);
         for_each_phase_step<kS>(o0, std::min(SC, o0 + kBlock), Pa,
                                 [&](int64_t o, int64_t c, int64_t ph) TF_INLINE_LAMBDA {
           V p0[NP], p1[NP];
-          for (int i = 0; i < NP; ++i) AccIO<A>::load(&pat[i * W + ph], kS, p0[i], p1[i]);
+          tc.load(ph, p0, p1);
           step(n * SC + o, c, p0, p1);
         });
       }
@@ -597,7 +626,7 @@ void pointwise_kernel(const PointwiseParams& pp) {
       const A* pn = prm + (r / S) * C;
       for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
         V p0[NP], p1[NP];
-        for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
+        load_coefs<NP>(pn + c0, NC, c, p0, p1);
         step(r * C + c0, c, p0, p1);
       });
     }
@@ -662,8 +691,8 @@ void reduce_kernel(const ReduceParams& rp) {
   const int64_t Pa = flat_period<kS>(C), W = Pa + kS;
   at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(NQ * C);
-    std::vector<A> pat(Pa > 0 ? (NP + NQ) * W : 0);  // flat: coefficients, then sums
-    int64_t tiled = -1;
+    TiledCoefs<A, NP> tc(Pa, kS);            // flat: coefficients
+    std::vector<A> fs(Pa > 0 ? NQ * W : 0);  // flat: phase sums
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / K, k = t % K;
       const A* pn = prm + n * C;
@@ -675,20 +704,16 @@ void reduce_kernel(const ReduceParams& rp) {
       const int64_t s0 = k * R, s1 = skip ? s0 : std::min(S, s0 + R);
       const int64_t row_end = Pa > 0 ? s0 : s1;  // the row path's rows: none when flat
       if (Pa > 0 && s1 > s0) {
-        if (n != tiled) {
-          for (int i = 0; i < NP; ++i) tile_channels(pn + i * NC, C, &pat[i * W], W);
-          tiled = n;
-        }
-        A* fs = &pat[NP * W];
-        std::fill(fs, fs + NQ * W, A(0));
+        tc.set(prm, NC, C, n);
+        std::fill(fs.begin(), fs.end(), A(0));
         const int64_t base = n * S * C;
         for_each_phase_step<kS>(s0 * C, s1 * C, Pa, [&](int64_t o, int64_t c, int64_t ph)
                                                       TF_INLINE_LAMBDA {
           V p0[NP], p1[NP];
-          for (int i = 0; i < NP; ++i) AccIO<A>::load(&pat[i * W + ph], kS, p0[i], p1[i]);
-          sum_step(base + o, c, p0, p1, fs + ph, W);
+          tc.load(ph, p0, p1);
+          sum_step(base + o, c, p0, p1, fs.data() + ph, W);
         });
-        for (int q = 0; q < NQ; ++q) fold_phases(fs + q * W, Pa, kS, C, &acc[q * C]);
+        for (int q = 0; q < NQ; ++q) fold_phases(&fs[q * W], Pa, kS, C, &acc[q * C]);
       }
       // Otherwise row by row, in memory order, the sums in acc (L1). Measured on the
       // 2-core EPYC, both variants interleaved in one process, backward:
@@ -701,7 +726,7 @@ void reduce_kernel(const ReduceParams& rp) {
         const int64_t row = (n * S + s) * C;
         for_each_step<kS>(C, [&](int64_t c0, int64_t c) TF_INLINE_LAMBDA {
           V p0[NP], p1[NP];
-          for (int i = 0; i < NP; ++i) AccIO<A>::load(pn + i * NC + c0, c, p0[i], p1[i]);
+          load_coefs<NP>(pn + c0, NC, c, p0, p1);
           sum_step(row + c0, c, p0, p1, acc.data() + c0, C);
         });
       }

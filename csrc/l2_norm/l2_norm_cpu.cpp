@@ -148,7 +148,7 @@ void col_bwd(const BwdParams& p);
 // 2026-12-08, F.normalize(x, dim=-1) over 4M elements, vector path -> this:
 // float32 C = 3 forward 4.6 -> 1.5 ms, forward+backward 15.2 -> 4.3; C = 5..8
 // forward 2.4-3.6 -> 1.1-1.2, forward+backward 7.1-10.7 -> 4.5-4.9; bfloat16 C = 3
-// 6.7 -> 2.9 and 17.2 -> 8.3, C = 5, 6 1.1-1.5x faster, but C = 8 1.05-1.15x
+// 6.7 -> 2.9 and 17.2 -> 8.3, C = 5, 6 1.1-1.5x faster, but C = 8 1.05-1.16x
 // slower (the scalar conversions): half types stop at 6.
 template <typename T>
 constexpr int64_t kShortRow = std::is_same_v<T, at::opmath_type<T>> ? 8 : 6;
